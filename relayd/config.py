@@ -1,0 +1,83 @@
+"""Frozen configuration: every limit and default of the daemon in one place.
+
+Defaults follow nginx/HAProxy/Node practice (DESIGN §5). `Config.validate()` raises
+`ConfigError` with a sentence a user can act on; the CLI prints it and exits 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+TRANSMIT_MODES = ("auto", "copy", "sendfile")
+PUNCH_BLOCK_BYTES = 256 * 1024          # B: the unit in which ring pages are punched
+MAX_RECEIVERS = 256
+
+
+class ConfigError(ValueError):
+    """A setting a user gave that cannot work; the message says which and why."""
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    workers: int = dataclasses.field(default_factory=default_workers)
+    window: int = 4 * 1024 * 1024            # ring capacity per streaming pipe, power of 2
+    max_pipes: int = 10_000                  # pipes in the registry (waiting + streaming)
+    max_transfers: int = 1024                # pipes streaming at once (ring slots)
+    transmit: str = "auto"
+    sendfile_from_n: int = 16                # auto: sendfile when n >= this (see README)
+    max_connections: int = 20_000            # per worker
+    max_uri_bytes: int = 8 * 1024            # 414 beyond
+    max_header_bytes: int = 16 * 1024        # 431 beyond
+    max_header_count: int = 100              # 431 beyond
+    head_timeout_s: float = 10.0             # absolute deadline for the request head (408)
+    keepalive_timeout_s: float = 15.0
+    rendezvous_timeout_s: float = 300.0      # a pipe nobody completes does not live forever
+    graceful_timeout_s: float = 30.0
+
+    @property
+    def punch_block(self) -> int:
+        return PUNCH_BLOCK_BYTES
+
+    @property
+    def worker_slots(self) -> int:
+        """Worker indexes (and eventfds) made before the first fork: 2W, so a reload overlaps."""
+        return 2 * self.workers
+
+    def validate(self) -> "Config":
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port {self.port}: must be 0..65535 (0 picks a free port)")
+        if not 1 <= self.workers <= 256:
+            raise ConfigError(f"--workers {self.workers}: must be 1..256")
+        w = self.window
+        if w < 2 * PUNCH_BLOCK_BYTES or w & (w - 1) or w > 1 << 30:
+            raise ConfigError(
+                f"--window {w}: must be a power of two from {2 * PUNCH_BLOCK_BYTES} "
+                f"(two punch blocks) to {1 << 30}")
+        if not 1 <= self.max_transfers <= 65536:
+            raise ConfigError(f"--max-transfers {self.max_transfers}: must be 1..65536")
+        if self.max_pipes < 1:
+            raise ConfigError(f"--max-pipes {self.max_pipes}: must be at least 1")
+        if self.transmit not in TRANSMIT_MODES:
+            raise ConfigError(f"--transmit {self.transmit}: must be one of {', '.join(TRANSMIT_MODES)}")
+        if not 1 <= self.sendfile_from_n <= MAX_RECEIVERS + 1:
+            raise ConfigError(f"--sendfile-from-n {self.sendfile_from_n}: must be 1..257")
+        for name in ("head_timeout_s", "keepalive_timeout_s", "rendezvous_timeout_s",
+                     "graceful_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name[:-2].replace('_', '-')}: must be > 0 seconds")
+        return self
+
+    def transmit_for(self, n: int) -> str:
+        """The transmit strategy of a pipe with n receivers: 'copy' or 'sendfile'."""
+        if self.transmit != "auto":
+            return self.transmit
+        return "sendfile" if n >= self.sendfile_from_n else "copy"

@@ -1,0 +1,298 @@
+"""The rendezvous registry: path -> Pipe across all workers, and the ring slots. Supervisor only.
+
+Workers report connection events (join, leave, a receiver's end, the body's end, a release);
+every method here returns the messages to send as a list of (worker index, message). The
+registry never does I/O itself, apart from initialising and punching ring slots in the arena,
+so a transfer's start cannot race a producer past a receiver that has not published a cursor
+(DESIGN §3: the slot is initialised before any `start` is sent).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from relayd import ring
+from relayd.config import Config
+from relayd.pipe import Event, Party, Pipe, PipeState
+
+Outbox = list  # [(worker index, message tuple)]
+
+
+class SlotTable:
+    """Ring slots: free list, generation, and which workers still hold each one."""
+
+    def __init__(self, arena: ring.Arena):
+        self.arena = arena
+        self.free = list(range(arena.slots - 1, -1, -1))
+        self.gen = [0] * arena.slots
+        self.holders: dict[int, set[int]] = {}
+
+    def assign(self, producer: int, receiver_workers: set[int]) -> tuple[int, int] | None:
+        if not self.free:
+            return None
+        slot = self.free.pop()
+        self.gen[slot] += 1
+        gen = self.gen[slot]
+        a, f = self.arena, ring.SlotFields(self.arena, slot)
+        a.store(f.gen, gen)
+        a.store(f.tail, 0)
+        a.store(f.wake_at, 0)
+        a.store(f.producer, producer)
+        for w in range(a.worker_slots):
+            a.store(f.cursor(w), 0 if w in receiver_workers else ring.NONE)
+            a.store(f.waiting(w), 0)
+        a.store(f.state, ring.STREAMING)
+        self.holders[slot] = {producer} | receiver_workers
+        return slot, gen
+
+    def release(self, worker: int, slot: int, gen: int) -> bool:
+        """Worker is done with the slot; True when that freed it."""
+        holders = self.holders.get(slot)
+        if holders is None or self.gen[slot] != gen:
+            return False
+        holders.discard(worker)
+        if holders:
+            return False
+        del self.holders[slot]
+        # Punch in both modes: copy-mode pages would stay resident forever; in sendfile mode
+        # sockets still sending old pages keep them, the next transfer gets fresh ones.
+        self.arena.punch(slot, 0, self.arena.capacity)
+        self.arena.store(ring.SlotFields(self.arena, slot).state, ring.IDLE)
+        self.free.append(slot)
+        return True
+
+    @property
+    def in_use(self) -> int:
+        return len(self.holders)
+
+
+class Registry:
+    """Every pipe the daemon knows, keyed by raw path bytes."""
+
+    def __init__(self, config: Config, arena: ring.Arena, kick: Callable[[int], None],
+                 log: Callable[[str], None]):
+        self.config = config
+        self.arena = arena
+        self.kick = kick
+        self.log = log
+        self.slots = SlotTable(arena)
+        self.pipes: dict[bytes, Pipe] = {}
+        self.waiting_party: dict[Party, Pipe] = {}
+        self.transfers: dict[tuple[int, int], Pipe] = {}
+        self.transfers_done = 0
+        self.transfers_aborted = 0
+
+    # -- rendezvous ------------------------------------------------------------------------
+    def join(self, worker: int, conn: int, role: str, path: bytes, n: int,
+             info: dict | None) -> Outbox:
+        party = (worker, conn)
+        pipe = self.pipes.get(path)
+        if pipe is None:
+            if len(self.pipes) >= self.config.max_pipes:
+                return [(worker, ("rejected", conn, 503,
+                                  f"the relay holds its limit of {self.config.max_pipes} pipes; "
+                                  "retry later"))]
+            pipe = self.pipes[path] = Pipe(path, n)
+        refusal = self._refusal(pipe, role, n)
+        if refusal:
+            if not pipe.receivers and pipe.sender is None:
+                del self.pipes[path]
+            return [(worker, ("rejected", conn) + refusal)]
+        if role == "sender":
+            pipe.sender, pipe.sender_info = party, info
+            pipe.apply(Event.sender_joined)
+        else:
+            pipe.receivers.append(party)
+            pipe.apply(Event.receiver_joined)
+        self.waiting_party[party] = pipe
+        if pipe.sender is not None and len(pipe.receivers) == pipe.n:
+            return self._start(pipe)
+        return self._progress(pipe)
+
+    @staticmethod
+    def _refusal(pipe: Pipe, role: str, n: int) -> tuple[int, str] | None:
+        if pipe.state is not PipeState.WAITING:
+            return 409, "a transfer is in progress on this path; retry when it has finished"
+        if n != pipe.n:
+            return 400, f"n={n} does not match n={pipe.n} of the parties already waiting here"
+        if role == "sender" and pipe.sender is not None:
+            return 409, "another sender is already waiting on this path"
+        if role == "receiver" and len(pipe.receivers) >= pipe.n:
+            return 409, f"this pipe already has its {pipe.n} receiver(s)"
+        return None
+
+    def _progress(self, pipe: Pipe) -> Outbox:
+        if pipe.sender is None:
+            return []
+        w, conn = pipe.sender
+        return [(w, ("progress", conn, len(pipe.receivers), pipe.n))]
+
+    def _start(self, pipe: Pipe) -> Outbox:
+        for party in [pipe.sender, *pipe.receivers]:
+            self.waiting_party.pop(party, None)
+        receiver_workers = {w for w, _ in pipe.receivers}
+        assigned = self.slots.assign(pipe.sender[0], receiver_workers)
+        if assigned is None:
+            pipe.apply(Event.no_slot)
+            del self.pipes[pipe.path]
+            reason = (f"the relay is at its limit of {self.arena.slots} concurrent transfers; "
+                      "retry later")
+            return [(w, ("rejected", c, 503, reason)) for w, c in [pipe.sender, *pipe.receivers]]
+        pipe.slot, pipe.gen = assigned
+        pipe.transmit = self.config.transmit_for(pipe.n)
+        pipe.started = time.monotonic()
+        pipe.apply(Event.all_joined)
+        self.transfers[assigned] = pipe
+        out: Outbox = []
+        by_worker: dict[int, list[int]] = {}
+        for w, c in pipe.receivers:
+            by_worker.setdefault(w, []).append(c)
+        for w, conns in by_worker.items():
+            out.append((w, ("start_receivers", pipe.slot, pipe.gen, pipe.transmit, conns,
+                            pipe.sender_info)))
+        sw, sc = pipe.sender
+        out.append((sw, ("start_sender", sc, pipe.slot, pipe.gen, pipe.transmit, pipe.n,
+                         sorted(by_worker))))
+        return out
+
+    def leave(self, worker: int, conn: int) -> Outbox:
+        """A waiting party disconnected: it no longer counts toward n."""
+        party = (worker, conn)
+        pipe = self.waiting_party.pop(party, None)
+        if pipe is None or pipe.state is not PipeState.WAITING:
+            return []      # already started: the worker resolves it through `start`
+        if pipe.sender == party:
+            pipe.sender = pipe.sender_info = None
+        else:
+            pipe.receivers.remove(party)
+        if pipe.sender is None and not pipe.receivers:
+            pipe.apply(Event.last_party_left)
+            del self.pipes[pipe.path]
+            return []
+        pipe.apply(Event.party_left)
+        return self._progress(pipe)
+
+    def expire(self, now: float) -> Outbox:
+        """Close pipes that waited longer than the rendezvous timeout; tell their parties."""
+        limit = self.config.rendezvous_timeout_s
+        out: Outbox = []
+        for pipe in [p for p in self.pipes.values()
+                     if p.state is PipeState.WAITING and now - p.created > limit]:
+            pipe.apply(Event.wait_timed_out)
+            del self.pipes[pipe.path]
+            reason = (f"no complete rendezvous within {limit:g} s "
+                      f"({len(pipe.receivers)} of {pipe.n} receivers, "
+                      f"{'a' if pipe.sender else 'no'} sender)")
+            for party in [pipe.sender, *pipe.receivers]:
+                if party is not None:
+                    self.waiting_party.pop(party, None)
+                    out.append((party[0], ("expired", party[1], reason)))
+        return out
+
+    def next_expiry(self) -> float | None:
+        waiting = [p.created for p in self.pipes.values() if p.state is PipeState.WAITING]
+        return min(waiting) + self.config.rendezvous_timeout_s if waiting else None
+
+    # -- transfer outcomes -----------------------------------------------------------------
+    def receiver_ended(self, worker: int, slot: int, gen: int, conn: int, ok: bool) -> Outbox:
+        pipe = self.transfers.get((slot, gen))
+        if pipe is None or (worker, conn) in pipe.resolved:
+            return []
+        pipe.resolved.add((worker, conn))
+        if ok:
+            if pipe.state is PipeState.STREAMING:
+                # The receiver saw the ring's DONE before the producer's report reached us.
+                pipe.apply(Event.body_ended)
+            pipe.done_receivers += 1
+            pipe.apply(Event.receiver_done)
+        else:
+            pipe.lost_receivers += 1
+            pipe.apply(Event.receiver_lost)
+        return self._maybe_close(pipe)
+
+    def body_ended(self, worker: int, slot: int, gen: int, nbytes: int) -> Outbox:
+        pipe = self.transfers.get((slot, gen))
+        if pipe is None:
+            return []
+        pipe.body_bytes = nbytes
+        if pipe.state is PipeState.STREAMING:
+            pipe.apply(Event.body_ended)
+        return []
+
+    def sender_lost(self, worker: int, slot: int, gen: int, reason: str) -> Outbox:
+        pipe = self.transfers.get((slot, gen))
+        if pipe is None:
+            return []
+        pipe.apply(Event.sender_lost)
+        pipe.abort_reason = reason
+        return self._maybe_close(pipe)
+
+    def _maybe_close(self, pipe: Pipe) -> Outbox:
+        if pipe.unresolved_receivers:
+            return []
+        sw, sc = pipe.sender
+        out: Outbox = []
+        if pipe.state is PipeState.STREAMING:
+            pipe.apply(Event.last_receiver_lost)
+            out.append((sw, ("abort_sender", pipe.slot, pipe.gen, "all receivers left")))
+            outcome = "aborted: all receivers left"
+        else:
+            drained = pipe.state is PipeState.DRAINING
+            pipe.apply(Event.last_receiver_gone)
+            if drained:
+                out.append((sw, ("finished", pipe.slot, pipe.gen, pipe.done_receivers,
+                                 pipe.lost_receivers)))
+                outcome = "ok" if not pipe.lost_receivers else "ok, some receivers left"
+            else:
+                outcome = "aborted: " + pipe.abort_reason
+        if outcome.startswith("aborted"):
+            self.transfers_aborted += 1
+        else:
+            self.transfers_done += 1
+        del self.transfers[(pipe.slot, pipe.gen)]
+        if self.pipes.get(pipe.path) is pipe:
+            del self.pipes[pipe.path]
+        self._log_transfer(pipe, outcome)
+        return out
+
+    def _log_transfer(self, pipe: Pipe, outcome: str) -> None:
+        by_worker: dict[int, int] = {}
+        for w, _ in pipe.receivers:
+            by_worker[w] = by_worker.get(w, 0) + 1
+        spread = ",".join(f"w{w}:{c}" for w, c in sorted(by_worker.items()))
+        self.log(f"transfer path={pipe.path.decode('latin-1')!r} n={pipe.n} "
+                 f"bytes={pipe.body_bytes} seconds={time.monotonic() - pipe.started:.3f} "
+                 f"transmit={pipe.transmit} receivers_done={pipe.done_receivers} "
+                 f"receivers_lost={pipe.lost_receivers} workers={spread} outcome={outcome}")
+
+    def released(self, worker: int, slot: int, gen: int) -> None:
+        self.slots.release(worker, slot, gen)
+
+    # -- faults ----------------------------------------------------------------------------
+    def worker_died(self, worker: int) -> Outbox:
+        """Resolve everything the dead worker held, as if each of its parties had left."""
+        out: Outbox = []
+        for party in [p for p in self.waiting_party if p[0] == worker]:
+            out += self.leave(*party)
+        for (slot, gen), pipe in list(self.transfers.items()):
+            f = ring.SlotFields(self.arena, slot)
+            if pipe.sender[0] == worker and pipe.state is PipeState.STREAMING:
+                if self.arena.load(f.state) == ring.STREAMING:
+                    self.arena.store(f.state, ring.ABORTED)
+                for w in {w for w, _ in pipe.receivers}:
+                    self.kick(w)
+                out += self.sender_lost(worker, slot, gen, "the sender's worker died")
+            mine = [c for w, c in pipe.receivers if w == worker and (w, c) not in pipe.resolved]
+            if mine:
+                self.arena.store(f.cursor(worker), ring.NONE)
+                self.kick(pipe.sender[0])
+            for conn in mine:
+                out += self.receiver_ended(worker, slot, gen, conn, ok=False)
+        for slot in [s for s, h in self.slots.holders.items() if worker in h]:
+            self.slots.release(worker, slot, self.slots.gen[slot])
+        return [(w, m) for w, m in out if w != worker]
+
+    def counts(self) -> tuple[int, int]:
+        """(pipes waiting, pipes streaming)."""
+        waiting = sum(1 for p in self.pipes.values() if p.state is PipeState.WAITING)
+        return waiting, len(self.transfers)

@@ -1,0 +1,476 @@
+"""The data path: SenderStream writes a body into the ring; ReceiverGroup drains it to sockets.
+
+Theory of operation (DESIGN §3-§4):
+- The ring holds exactly the bytes every receiver socket sees. A Content-Length body is
+  received straight into the ring; a chunked body is parsed and each read's body pieces are
+  written as one fixed-width chunk `%08x\\r\\n<data>\\r\\n`; `0\\r\\n\\r\\n` ends it, only cleanly.
+- The producer publishes `tail` once per pass (data first, then tail, then state), then kicks
+  the eventfd of each receiver worker whose `waiting` flag is set. Writable space is bounded
+  by the lowest published cursor + capacity, and in sendfile mode by the punched blocks.
+  When the window is full it stops reading its socket (TCP holds the sender), posts
+  `wake_at` and sleeps until a receiver worker's cursor crosses it.
+- A receiver worker sends each receiver one span per call, rotating who goes first, then
+  publishes its lowest cursor once. A caught-up receiver makes it set `waiting`, fence and
+  re-check before it sleeps, so no wake-up is lost.
+- Sendfile hazard: the socket keeps references to ring pages until the peer read them, so a
+  block is punched out of the memfd (MADV_REMOVE) before it is written again; in-flight
+  sockets keep the old pages. Copy mode needs no punching while streaming.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import TYPE_CHECKING
+
+import httptools
+
+from relayd import ring
+from relayd.protocol import response_head
+
+if TYPE_CHECKING:
+    from relayd.protocol import Connection
+    from relayd.worker import Worker
+
+READ_BUDGET = 256 * 1024          # bytes one sender pass takes from its socket
+CHUNK_READ = 128 * 1024           # one recv of a chunked body (becomes at most one frame)
+FRAME_OVERHEAD = 12               # b"%08x\r\n" + b"\r\n"
+TERMINATOR = b"0\r\n\r\n"
+MIN_SPACE = 4096                  # below this free ring space the producer sleeps
+
+
+class SenderStream:
+    """The producer side of one transfer, in the sender's worker."""
+
+    def __init__(self, worker: "Worker", conn: "Connection", slot: int, gen: int, mode: str,
+                 n: int, receiver_workers: list[int]):
+        self.worker = worker
+        self.conn = conn
+        self.arena = a = worker.arena
+        self.f = ring.SlotFields(a, slot)
+        self.slot, self.gen, self.n = slot, gen, n
+        self.sendfile = mode == "sendfile"
+        self.receiver_workers = receiver_workers
+        self.capacity = a.capacity
+        self.block = worker.config.punch_block
+        self.base = a.ring_base(slot)
+        self.tail = 0
+        self.published = 0
+        self.limit = a.capacity         # cached: lowest cursor + capacity
+        self.punched_end = a.capacity   # first lap: the slot's pages are fresh
+        self.wake_space = a.capacity // 4
+        self.paused = False
+        self.ended = False              # body ended cleanly or aborted
+        self.chunked = conn.chunked
+        self.remaining = 0 if conn.chunked else (conn.content_length or 0)
+        self.body_bytes = 0
+        self.pieces: list[bytes] = []
+        self.message_done = False
+
+    # -- start -----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.sendfile:
+            self.arena.punch(self.slot, 0, self.capacity)
+        self.conn.stream = self
+        self.conn.phase = self.conn.STREAMING
+        pending, self.conn.pending_body = self.conn.pending_body, []
+        if self.chunked:
+            self.pieces = pending
+            self._frame_pieces()
+        else:
+            for piece in pending:
+                self._write_raw(piece)
+        if self.conn.message_done or (not self.chunked and self.remaining == 0):
+            self.end()
+        else:
+            self.worker.loop.add_reader(self.conn.fd, self.on_readable)
+            self.on_readable()
+        self.publish()
+
+    # -- parser callbacks (chunked bodies) -------------------------------------------------
+    def on_body(self, body: bytes) -> None:
+        self.pieces.append(body)
+
+    def on_message_complete(self) -> None:
+        self.message_done = True
+
+    # -- reading ---------------------------------------------------------------------------
+    def on_readable(self) -> None:
+        budget = READ_BUDGET
+        sock = self.conn.sock
+        while budget > 0 and not self.ended:
+            space = self.writable(MIN_SPACE)
+            if space < MIN_SPACE:
+                self.pause()
+                break
+            try:
+                if self.chunked:
+                    data = sock.recv(min(space - FRAME_OVERHEAD - len(TERMINATOR), budget,
+                                         CHUNK_READ))
+                    got = len(data)
+                else:
+                    off = self.tail & self.arena.mask
+                    span = min(space, self.capacity - off, self.remaining, budget)
+                    got = sock.recv_into(self.arena.view[self.base + off:self.base + off + span])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                self.abort(f"the sender's connection failed: {os.strerror(e.errno or 0)}")
+                break
+            if got == 0:
+                self.abort("the sender closed its connection before the body ended")
+                break
+            budget -= got
+            if self.chunked:
+                try:
+                    self.conn.parser.feed_data(data)
+                except httptools.HttpParserError:
+                    self._frame_pieces()
+                    self.abort("the sender's chunked body is malformed")
+                    break
+                self._frame_pieces()
+                if self.message_done:
+                    self.end()
+            else:
+                self.tail += got
+                self.body_bytes += got
+                self.remaining -= got
+                if self.remaining == 0:
+                    self.end()
+        self.publish()
+
+    def _write_raw(self, data: bytes) -> None:
+        self.arena.write(self.slot, self.tail, data)
+        self.tail += len(data)
+        self.body_bytes += len(data)
+        self.remaining -= len(data)
+
+    def _frame_pieces(self) -> None:
+        if not self.pieces:
+            return
+        size = sum(map(len, self.pieces))
+        if size:
+            frame = b"".join([b"%08x\r\n" % size, *self.pieces, b"\r\n"])
+            self.arena.write(self.slot, self.tail, frame)
+            self.tail += len(frame)
+            self.body_bytes += size
+        self.pieces = []
+
+    # -- space -----------------------------------------------------------------------------
+    def writable(self, need: int) -> int:
+        """Bytes writable at tail now; the lowest cursor is re-read only when the cache says
+        fewer than `need` (Disruptor style: W loads, not one per receiver)."""
+        space = min(self.limit, self.punched_end) - self.tail
+        if space >= need:
+            return space
+        a, f = self.arena, self.f
+        lowest = min(a.load(f.cursor(w)) for w in self.receiver_workers)
+        if lowest == ring.NONE:
+            lowest = self.tail          # nobody left to protect; the supervisor will say so
+        self.limit = lowest + self.capacity
+        if not self.sendfile:
+            self.punched_end = self.limit
+        else:
+            # Punch block k only once the lowest cursor has passed the end of its last lap.
+            while self.punched_end + self.block <= self.limit:
+                self.arena.punch(self.slot, self.punched_end & self.arena.mask, self.block)
+                self.punched_end += self.block
+        return min(self.limit, self.punched_end) - self.tail
+
+    def pause(self) -> None:
+        """Stop reading (TCP holds the sender) until a quarter of the window is free."""
+        a, f = self.arena, self.f
+        wake_at = self.tail + self.wake_space - self.capacity + (self.block if self.sendfile else 0)
+        a.store(f.wake_at, max(1, wake_at))
+        ring.fence()
+        if self.writable(self.wake_space) >= self.wake_space:
+            a.store(f.wake_at, 0)
+            return                     # the cursors moved meanwhile; the caller reads on
+        if not self.paused:
+            self.paused = True
+            self.worker.loop.remove_reader(self.conn.fd)
+
+    def on_kick(self) -> None:
+        if not self.paused or self.ended:
+            return
+        a, f = self.arena, self.f
+        if self.writable(self.wake_space) < self.wake_space:
+            self.paused = False
+            self.pause()               # re-arm: the laggard has not crossed yet
+            if self.paused:
+                return
+        a.store(f.wake_at, 0)
+        self.paused = False
+        self.worker.loop.add_reader(self.conn.fd, self.on_readable)
+        self.on_readable()
+
+    # -- publishing ------------------------------------------------------------------------
+    def publish(self) -> None:
+        if self.tail == self.published:
+            return
+        a, f = self.arena, self.f
+        self.worker.stats.bytes_in += self.tail - self.published
+        self.published = self.tail
+        a.store(f.tail, self.tail)
+        ring.fence()
+        for w in self.receiver_workers:
+            if a.load(f.waiting(w)):
+                self.worker.kick(w)
+
+    def _finish_state(self, state: int) -> None:
+        a, f = self.arena, self.f
+        a.store(f.tail, self.tail)
+        self.published = self.tail
+        a.store(f.state, state)
+        ring.fence()
+        for w in self.receiver_workers:
+            self.worker.kick(w)
+
+    def end(self) -> None:
+        """The body ended cleanly: terminator, then DONE."""
+        if self.ended:
+            return
+        self.ended = True
+        if self.chunked:
+            self.arena.write(self.slot, self.tail, TERMINATOR)
+            self.tail += len(TERMINATOR)
+        self._finish_state(ring.DONE)
+        self.worker.loop.remove_reader(self.conn.fd)
+        self.worker.report("body_ended", self.slot, self.gen, self.body_bytes)
+        self.conn.write_progress(f"[INFO] Received {self.body_bytes} bytes; "
+                                 "waiting for every receiver to take them.\n")
+
+    def abort(self, reason: str) -> None:
+        """The body will not complete: receivers get what was published, then a short end."""
+        if self.ended:
+            return
+        self.ended = True
+        self._finish_state(ring.ABORTED)
+        self.worker.report("sender_lost", self.slot, self.gen, reason)
+        self.conn.write_progress(f"[ERROR] {reason}\n")
+        self.close()
+
+    # -- end of the sender's part ----------------------------------------------------------
+    def finished(self, ok: int, lost: int) -> None:
+        """The supervisor says every receiver is resolved."""
+        line = f"[INFO] Sent successfully to {ok} receiver(s).\n"
+        if lost:
+            line += f"[WARN] {lost} receiver(s) left before the end.\n"
+        self.conn.write_progress(line, last=True)
+        self.close()
+
+    def receivers_gone(self, reason: str) -> None:
+        if not self.ended:
+            self.ended = True
+            self._finish_state(ring.ABORTED)
+        self.conn.write_progress(f"[ERROR] {reason}\n")
+        self.close()
+
+    def close(self) -> None:
+        self.worker.drop_sender(self)
+        self.conn.close_after_progress()
+
+
+class Receiver:
+    __slots__ = ("conn", "sock", "fd", "cursor", "blocked", "head", "deframe", "frame_left",
+                 "skip")
+
+    def __init__(self, conn: "Connection", head: bytes, deframe: bool):
+        self.conn = conn
+        self.sock = conn.sock
+        self.fd = conn.fd
+        self.cursor = 0
+        self.blocked = False
+        self.head = memoryview(head)
+        self.deframe = deframe          # an HTTP/1.0 receiver of a chunked body
+        self.frame_left = 0
+        self.skip = 0
+
+
+class ReceiverGroup:
+    """This worker's receivers of one transfer, and the worker's cursor for it."""
+
+    def __init__(self, worker: "Worker", slot: int, gen: int, mode: str, info: dict):
+        self.worker = worker
+        self.loop = worker.loop
+        self.arena = a = worker.arena
+        self.f = ring.SlotFields(a, slot)
+        self.slot, self.gen = slot, gen
+        self.sendfile = mode == "sendfile"
+        self.info = info
+        self.base = a.ring_base(slot)
+        self.mask = a.mask
+        self.capacity = a.capacity
+        self.me = worker.index
+        self.receivers: list[Receiver] = []
+        self.published = 0
+        self.waiting = False
+        self.last_kicked_wake = 0
+        self.rotate = 0
+        self.producer = a.load(self.f.producer)
+
+    def head_for(self, conn: "Connection") -> tuple[bytes, bool]:
+        info = self.info
+        headers = b"Content-Type: " + info["content_type"] + b"\r\n"
+        for k, v in info["headers"]:
+            headers += k + b": " + v + b"\r\n"
+        deframe = False
+        if info["length"] is not None:
+            headers += b"Content-Length: %d\r\n" % info["length"]
+        elif conn.version == "1.1":
+            headers += b"Transfer-Encoding: chunked\r\n"
+        else:
+            deframe = True              # HTTP/1.0 has no chunked: the end is the close
+        headers += (b"Access-Control-Expose-Headers: Content-Length, Content-Type, "
+                    b"Content-Disposition, X-Piping\r\nConnection: close\r\n")
+        return response_head(200, headers, conn.version), deframe
+
+    def add(self, conn: "Connection") -> None:
+        head, deframe = self.head_for(conn)
+        r = Receiver(conn, head, deframe)
+        conn.stream = r
+        conn.phase = conn.STREAMING
+        self.worker.loop.remove_reader(conn.fd)   # it sends nothing more we need
+        self.receivers.append(r)
+
+    # -- the pass --------------------------------------------------------------------------
+    def on_kick(self) -> None:
+        if self.waiting:
+            self.arena.store(self.f.waiting(self.me), 0)
+            self.waiting = False
+        self.service()
+
+    def service(self) -> None:
+        a, f = self.arena, self.f
+        while True:
+            state = a.load(f.state)         # state before tail: DONE implies the final tail
+            tail = a.load(f.tail)
+            recvs = self.receivers
+            count = len(recvs)
+            if count:
+                first = self.rotate % count
+                self.rotate += 1
+                for r in recvs[first:] + recvs[:first]:
+                    if not r.blocked:
+                        self._send(r, tail)
+                if state != ring.STREAMING:
+                    for r in [r for r in recvs if not r.blocked and r.cursor == tail]:
+                        self._finish(r, ok=state == ring.DONE)
+            self._publish()
+            if not self.receivers:
+                return
+            hungry = state == ring.STREAMING and any(
+                not r.blocked and r.cursor == tail for r in self.receivers)
+            if not hungry:
+                if self.waiting:
+                    a.store(f.waiting(self.me), 0)
+                    self.waiting = False
+                return
+            # Sleep protocol: flag, fence, re-check; sleep only if nothing moved.
+            if not self.waiting:
+                a.store(f.waiting(self.me), 1)
+                self.waiting = True
+                ring.fence()
+            if a.load(f.tail) == tail and a.load(f.state) == state:
+                return
+
+    def _send(self, r: Receiver, tail: int) -> None:
+        try:
+            if r.head:
+                sent = r.sock.send(r.head)
+                r.head = r.head[sent:]
+                if r.head:
+                    self._block(r)
+                    return
+            if r.deframe:
+                self._send_deframed(r, tail)
+                return
+            a = self.arena
+            while r.cursor < tail:
+                off = r.cursor & self.mask
+                span = min(tail - r.cursor, self.capacity - off)
+                if self.sendfile:
+                    sent = os.sendfile(r.fd, a.fd, self.base + off, span)
+                else:
+                    sent = r.sock.send(a.view[self.base + off:self.base + off + span])
+                r.cursor += sent
+                self.worker.stats.bytes_out += sent
+                if sent < span:
+                    self._block(r)
+                    return
+        except (BlockingIOError, InterruptedError):
+            self._block(r)
+        except OSError:
+            self._finish(r, ok=False)
+
+    def _send_deframed(self, r: Receiver, tail: int) -> None:
+        """Strip the ring's fixed-width chunk framing for an HTTP/1.0 receiver (copy path)."""
+        a = self.arena
+        while r.cursor < tail:
+            if r.skip:
+                step = min(r.skip, tail - r.cursor)
+                r.cursor += step
+                r.skip -= step
+                continue
+            if r.frame_left:
+                off = r.cursor & self.mask
+                span = min(r.frame_left, tail - r.cursor, self.capacity - off)
+                sent = r.sock.send(a.view[self.base + off:self.base + off + span])
+                r.cursor += sent
+                r.frame_left -= sent
+                self.worker.stats.bytes_out += sent
+                if not r.frame_left:
+                    r.skip = 2
+                if sent < span:
+                    self._block(r)
+                    return
+                continue
+            head = self._peek(r.cursor, 10)      # frames are published whole
+            if head[1:3] == b"\r\n":             # the terminator "0\r\n\r\n"
+                r.cursor += len(TERMINATOR)
+                continue
+            r.frame_left = int(head[:8], 16)
+            r.cursor += 10
+
+    def _peek(self, position: int, length: int) -> bytes:
+        off = position & self.mask
+        first = min(length, self.capacity - off)
+        data = bytes(self.arena.view[self.base + off:self.base + off + first])
+        if first < length:
+            data += bytes(self.arena.view[self.base:self.base + length - first])
+        return data
+
+    def _block(self, r: Receiver) -> None:
+        r.blocked = True
+        self.loop.add_writer(r.fd, self._on_writable, r)
+
+    def _on_writable(self, r: Receiver) -> None:
+        self.loop.remove_writer(r.fd)
+        r.blocked = False
+        self.service()
+
+    def _finish(self, r: Receiver, ok: bool) -> None:
+        """A receiver is done (every byte queued) or lost; an aborted body ends short."""
+        if r not in self.receivers:
+            return
+        self.receivers.remove(r)
+        # An HTTP/1.0 body has no length: only a reset can tell its client about a cut.
+        r.conn.close(reset=not ok and r.deframe)
+        self.worker.report("receiver_ended", self.slot, self.gen, r.conn.id, ok)
+
+    def _publish(self) -> None:
+        a, f = self.arena, self.f
+        lowest = min((r.cursor for r in self.receivers), default=ring.NONE)
+        if lowest == self.published:
+            return
+        self.published = lowest
+        a.store(f.cursor(self.me), lowest)
+        ring.fence()
+        wake_at = a.load(f.wake_at)
+        if wake_at and lowest >= wake_at and wake_at != self.last_kicked_wake:
+            self.last_kicked_wake = wake_at
+            self.worker.kick(self.producer)
+        if lowest == ring.NONE:
+            self.worker.drop_group(self)
+
+    def cursor_floor(self) -> int:
+        return self.published

@@ -1,0 +1,396 @@
+"""The supervisor: forks workers, owns the rendezvous registry, the arena and the eventfds.
+It never touches a client socket.
+
+Shape (after gunicorn's arbiter): signal handlers only queue the signal and wake the main
+loop; `run()` dispatches `handle_<sig>`; `reap_workers()` loops `waitpid(WNOHANG)`; a worker
+that exits with EXIT_BOOT_FAILURE halts the daemon instead of respawning forever. Each worker
+binds its own SO_REUSEPORT listener after fork (connections then spread evenly); the
+supervisor keeps one bound, non-listening socket so the port stays reserved, and no copy of
+the workers' listeners (a dead worker's socket left open would stall its share).
+Every control message is handled in its own try: a bad message aborts that pipe only.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import platform
+import selectors
+import signal
+import socket
+import sys
+import time
+import traceback
+
+from relayd import __version__, ring, systemd
+from relayd.config import Config
+from relayd.rendezvous import Registry
+from relayd.worker import EXIT_BOOT_FAILURE, Worker
+
+RESPAWN_BACKOFF_MAX_S = 5.0
+QUICK_DEATH_S = 1.0
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD)
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message tells the user why."""
+
+
+class WorkerHandle:
+    def __init__(self, index: int, pid: int, control: socket.socket):
+        self.index = index
+        self.pid = pid
+        self.control = control
+        self.outbox: list[bytes] = []
+        self.ready = False
+        self.spawned = time.monotonic()
+        self.retiring = False
+
+
+def log(message: str) -> None:
+    print(f"relayd: {message}", file=sys.stderr, flush=True)
+
+
+class Supervisor:
+    def __init__(self, config: Config):
+        self.config = config
+        self.pid = os.getpid()
+        self.port = config.port
+        self.reserved: socket.socket | None = None
+        self.arena: ring.Arena | None = None
+        self.eventfds: list[int] = []
+        self.workers: dict[int, WorkerHandle] = {}       # index -> handle
+        self.selector = selectors.DefaultSelector()
+        self.signals: list[int] = []
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.announced = False
+        self.backoff_s = 0.0
+        self.respawn_at = 0.0
+        self.registry: Registry | None = None
+        self.exit_code = 0
+
+    # -- setup -----------------------------------------------------------------------------
+    def reserve_port(self) -> None:
+        """Refuse a port someone else holds, then keep it reserved for our workers."""
+        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            # Without SO_REUSEPORT this bind fails if anyone, even another relayd, has the port.
+            probe.bind((self.config.host, self.port))
+            self.port = probe.getsockname()[1]
+        except OSError as e:
+            raise StartupError(f"cannot listen on {self.config.host}:{self.config.port}: "
+                               f"{e.strerror}") from None
+        finally:
+            probe.close()
+        self.reserved = socket.socket(family, socket.SOCK_STREAM)
+        self.reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            self.reserved.bind((self.config.host, self.port))
+        except OSError as e:
+            raise StartupError(f"cannot reserve {self.config.host}:{self.port}: {e.strerror}")
+
+    def setup(self) -> None:
+        if platform.machine() not in ("x86_64", "AMD64"):
+            raise StartupError("relayd's shared-memory ordering relies on x86-64 (TSO); "
+                               f"this machine is {platform.machine()}")
+        self.reserve_port()
+        c = self.config
+        self.arena = ring.Arena(c.max_transfers, c.window, c.worker_slots)
+        self.eventfds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                         for _ in range(c.worker_slots)]
+        self.arena.store(self.arena.sup_index(ring.SUP_STARTED_AT), int(time.time()))
+        self.registry = Registry(c, self.arena, self.kick, log)
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wakeup_r = rfd
+        signal.set_wakeup_fd(wfd)
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, self.queue_signal)
+        self.selector.register(rfd, selectors.EVENT_READ, None)
+
+    def queue_signal(self, signum, frame) -> None:
+        self.signals.append(signum)
+
+    # -- main loop -------------------------------------------------------------------------
+    def run(self) -> int:
+        self.setup()
+        for _ in range(self.config.workers):
+            self.spawn_worker()
+        while True:
+            timeout = self.next_timeout()
+            for key, events in self.selector.select(timeout):
+                if key.data is None:
+                    try:
+                        os.read(self.wakeup_r, 4096)
+                    except BlockingIOError:
+                        pass
+                else:
+                    self.on_control(key.data, events)
+            while self.signals:
+                sig = self.signals.pop(0)
+                getattr(self, "handle_" + signal.Signals(sig).name[3:].lower())()
+            self.reap_workers()
+            now = time.monotonic()
+            self.send_all(self.registry.expire(now))
+            self.publish_stats()
+            if self.stopping:
+                if not self.workers:
+                    break
+                if now > self.stop_deadline:
+                    for w in self.workers.values():
+                        self._signal(w, signal.SIGKILL)
+            elif self.respawn_at and now >= self.respawn_at:
+                self.respawn_at = 0.0
+                while len([w for w in self.workers.values() if not w.retiring]) \
+                        < self.config.workers:
+                    self.spawn_worker()
+        systemd.notify("STOPPING=1")
+        log("stopped")
+        return self.exit_code
+
+    def next_timeout(self) -> float:
+        deadlines = [1.0]
+        expiry = self.registry.next_expiry()
+        if expiry is not None:
+            deadlines.append(expiry - time.monotonic() + 0.01)
+        if self.respawn_at:
+            deadlines.append(self.respawn_at - time.monotonic())
+        return max(0.0, min(deadlines))
+
+    # -- workers ---------------------------------------------------------------------------
+    def free_index(self) -> int:
+        used = set(self.workers)
+        for i in range(self.config.worker_slots):
+            if i not in used:
+                return i
+        raise RuntimeError("no free worker index")
+
+    def spawn_worker(self) -> None:
+        index = self.free_index()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                signal.set_wakeup_fd(-1)
+                for sig in HANDLED_SIGNALS:
+                    signal.signal(sig, signal.SIG_DFL)
+                ours.close()
+                for w in self.workers.values():
+                    w.control.close()
+                self.reserved.close()
+                self.selector.close()
+                code = Worker(self.config, self.arena, index, self.eventfds, theirs, self.port,
+                              self.pid).run()
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        theirs.close()
+        ours.setblocking(False)
+        handle = WorkerHandle(index, pid, ours)
+        self.workers[index] = handle
+        self.selector.register(ours, selectors.EVENT_READ, handle)
+
+    def reap_workers(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            handle = next((w for w in self.workers.values() if w.pid == pid), None)
+            if handle is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            self.worker_gone(handle)
+            if self.stopping or handle.retiring:
+                continue
+            log(f"worker {handle.index} (pid {pid}) exited with {code}; respawning")
+            if code == EXIT_BOOT_FAILURE:
+                log("a worker could not boot; stopping")
+                self.exit_code = 1
+                self.begin_stop(graceful=True)
+                continue
+            self.arena.store(self.arena.sup_index(ring.SUP_RESTARTS),
+                             self.arena.load(self.arena.sup_index(ring.SUP_RESTARTS)) + 1)
+            quick = time.monotonic() - handle.spawned < QUICK_DEATH_S
+            self.backoff_s = min(RESPAWN_BACKOFF_MAX_S, self.backoff_s * 2 or 0.1) if quick else 0
+            self.respawn_at = time.monotonic() + self.backoff_s
+
+    def worker_gone(self, handle: WorkerHandle) -> None:
+        del self.workers[handle.index]
+        self.selector.unregister(handle.control)
+        handle.control.close()
+        self.arena.store(self.arena.stat_index(handle.index, ring.STAT_PID), 0)
+        try:
+            os.eventfd_read(self.eventfds[handle.index])      # drain stale kicks
+        except BlockingIOError:
+            pass
+        self.send_all(self.registry.worker_died(handle.index))
+
+    def kick(self, index: int) -> None:
+        os.eventfd_write(self.eventfds[index], 1)
+
+    # -- control plane ---------------------------------------------------------------------
+    def on_control(self, handle: WorkerHandle, events: int) -> None:
+        if events & selectors.EVENT_WRITE:
+            self.flush(handle)
+        if not events & selectors.EVENT_READ:
+            return
+        for _ in range(256):
+            try:
+                data = handle.control.recv(1 << 20)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                return            # the worker is dying; reap_workers will clean up
+            try:
+                message = pickle.loads(data)
+                handler = getattr(self, "msg_" + message[0])
+                handler(handle, *message[1:])
+            except Exception:
+                log(f"bad control message from worker {handle.index}: "
+                    + traceback.format_exc().strip().replace("\n", " | "))
+
+    def send_all(self, outbox: list) -> None:
+        for index, message in outbox:
+            handle = self.workers.get(index)
+            if handle is None:
+                continue
+            data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+            if handle.outbox:
+                handle.outbox.append(data)
+                continue
+            try:
+                handle.control.send(data)
+            except (BlockingIOError, InterruptedError):
+                handle.outbox.append(data)
+                self.selector.modify(handle.control, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                     handle)
+            except OSError:
+                pass              # dead worker: reaped soon
+
+    def flush(self, handle: WorkerHandle) -> None:
+        while handle.outbox:
+            try:
+                handle.control.send(handle.outbox[0])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                handle.outbox.clear()
+                break
+            handle.outbox.pop(0)
+        self.selector.modify(handle.control, selectors.EVENT_READ, handle)
+
+    def msg_ready(self, handle: WorkerHandle, pid: int) -> None:
+        handle.ready = True
+        if not self.announced and sum(w.ready for w in self.workers.values()) \
+                >= self.config.workers:
+            self.announced = True
+            self.announce()
+
+    def msg_join(self, handle, conn, role, path, n, info) -> None:
+        self.send_all(self.registry.join(handle.index, conn, role, path, n, info))
+
+    def msg_leave(self, handle, conn) -> None:
+        self.send_all(self.registry.leave(handle.index, conn))
+
+    def msg_receiver_ended(self, handle, slot, gen, conn, ok) -> None:
+        self.send_all(self.registry.receiver_ended(handle.index, slot, gen, conn, ok))
+
+    def msg_body_ended(self, handle, slot, gen, nbytes) -> None:
+        self.send_all(self.registry.body_ended(handle.index, slot, gen, nbytes))
+
+    def msg_sender_lost(self, handle, slot, gen, reason) -> None:
+        self.send_all(self.registry.sender_lost(handle.index, slot, gen, reason))
+
+    def msg_released(self, handle, slot, gen) -> None:
+        self.registry.released(handle.index, slot, gen)
+
+    def publish_stats(self) -> None:
+        a, r = self.arena, self.registry
+        waiting, streaming = r.counts()
+        a.store(a.sup_index(ring.SUP_PIPES_WAITING), waiting)
+        a.store(a.sup_index(ring.SUP_PIPES_STREAMING), streaming)
+        a.store(a.sup_index(ring.SUP_SLOTS_IN_USE), r.slots.in_use)
+        a.store(a.sup_index(ring.SUP_WORKERS_ALIVE), len(self.workers))
+        a.store(a.sup_index(ring.SUP_TRANSFERS_DONE), r.transfers_done)
+        a.store(a.sup_index(ring.SUP_TRANSFERS_ABORTED), r.transfers_aborted)
+
+    def announce(self) -> None:
+        c = self.config
+        shown = "localhost" if c.host in ("0.0.0.0", "::") else c.host
+        if ":" in shown:
+            shown = f"[{shown}]"
+        url = f"http://{shown}:{self.port}"
+        print(f"relayd {__version__} listening on http://{c.host if ':' not in c.host else '[' + c.host + ']'}"
+              f":{self.port} ({c.workers} worker{'s' if c.workers != 1 else ''}, "
+              f"window {c.window // 1024} KiB, transmit {c.transmit})", flush=True)
+        print(f"  try: seq 1000000 | curl -T - '{url}/hello?n=2'   and twice:   "
+              f"curl '{url}/hello?n=2'", flush=True)
+        systemd.notify("READY=1", f"MAINPID={os.getpid()}")
+
+    # -- signals ---------------------------------------------------------------------------
+    def _signal(self, handle: WorkerHandle, sig: int) -> None:
+        try:
+            os.kill(handle.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def begin_stop(self, graceful: bool) -> None:
+        if not self.stopping:
+            self.stopping = True
+            self.stop_deadline = time.monotonic() + (self.config.graceful_timeout_s + 5
+                                                     if graceful else 0)
+            systemd.notify("STOPPING=1")
+        for w in self.workers.values():
+            self._signal(w, signal.SIGTERM if graceful else signal.SIGQUIT)
+
+    def handle_term(self) -> None:
+        log("SIGTERM: graceful stop")
+        self.begin_stop(graceful=True)
+
+    def handle_int(self) -> None:
+        log("SIGINT: graceful stop")
+        self.begin_stop(graceful=True)
+
+    def handle_quit(self) -> None:
+        log("SIGQUIT: immediate stop")
+        self.begin_stop(graceful=False)
+
+    def handle_hup(self) -> None:
+        """Reload: start fresh workers first (the port never closes), then retire the old."""
+        if self.stopping:
+            return
+        log("SIGHUP: reloading workers")
+        old = [w for w in self.workers.values() if not w.retiring]
+        for w in old:
+            w.retiring = True
+        for _ in range(self.config.workers):
+            self.spawn_worker()
+        for w in old:
+            self._signal(w, signal.SIGTERM)
+
+    def handle_chld(self) -> None:
+        pass    # reap_workers runs after every loop pass
+
+
+def serve(config: Config) -> int:
+    supervisor = Supervisor(config)
+    try:
+        return supervisor.run()
+    except StartupError as e:
+        print(f"relayd: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno == errno.EMFILE:
+            print("relayd: out of file descriptors; raise the limit (ulimit -n)", file=sys.stderr)
+            return 1
+        raise
