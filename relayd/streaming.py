@@ -253,7 +253,9 @@ class SenderStream:
     def finished(self, ok: int, lost: int) -> None:
         """The supervisor says every receiver is resolved."""
         line = f"[INFO] Sent successfully to {ok} receiver(s).\n"
-        if lost:
+        if not ok:
+            line = f"[ERROR] All {lost} receiver(s) left before the end.\n"
+        elif lost:
             line += f"[WARN] {lost} receiver(s) left before the end.\n"
         self.conn.write_progress(line, last=True)
         self.close()
@@ -297,6 +299,7 @@ class ReceiverGroup:
         self.slot, self.gen = slot, gen
         self.sendfile = mode == "sendfile"
         self.info = info
+        self.length = info["length"]        # body bytes when the sender gave Content-Length
         self.base = a.ring_base(slot)
         self.mask = a.mask
         self.capacity = a.capacity
@@ -329,7 +332,8 @@ class ReceiverGroup:
         r = Receiver(conn, head, deframe)
         conn.stream = r
         conn.phase = conn.STREAMING
-        self.worker.loop.remove_reader(conn.fd)   # it sends nothing more we need
+        # Still read: an idle pipe sends nothing, so only a read sees a receiver hang up.
+        self.loop.add_reader(conn.fd, self._on_readable, r)
         self.receivers.append(r)
 
     # -- the pass --------------------------------------------------------------------------
@@ -352,9 +356,12 @@ class ReceiverGroup:
                 for r in recvs[first:] + recvs[:first]:
                     if not r.blocked:
                         self._send(r, tail)
-                if state != ring.STREAMING:
-                    for r in [r for r in recvs if not r.blocked and r.cursor == tail]:
+                for r in [r for r in recvs if not r.blocked and r.cursor == tail]:
+                    if state != ring.STREAMING:
                         self._finish(r, ok=state == ring.DONE)
+                    elif r.cursor == self.length and not r.head:
+                        # Its Content-Length is met: it may close before DONE is published.
+                        self._finish(r, ok=True)
             self._publish()
             if not self.receivers:
                 return
@@ -447,6 +454,21 @@ class ReceiverGroup:
         self.loop.remove_writer(r.fd)
         r.blocked = False
         self.service()
+
+    def _on_readable(self, r: Receiver) -> None:
+        """Input from a streaming receiver is discarded; EOF or a reset means it left.
+        (A client that half-closes after its request is taken as gone, as piping-server does.)"""
+        try:
+            if r.sock.recv(4096):
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self.service()       # it may have all it wanted: a Content-Length client closes at once
+        if r in self.receivers:
+            self._finish(r, ok=False)
+            self._publish()
 
     def _finish(self, r: Receiver, ok: bool) -> None:
         """A receiver is done (every byte queued) or lost; an aborted body ends short."""

@@ -203,6 +203,10 @@ class Worker:
             self.stats.senders += 1
         else:
             self.stats.receivers += 1
+        # Party counts are rare events: published at once, so /health is exact.
+        a = self.arena
+        a.store(a.stat_index(self.index, ring.STAT_SENDERS), self.stats.senders)
+        a.store(a.stat_index(self.index, ring.STAT_RECEIVERS), self.stats.receivers)
         self.report("join", conn.id, conn.role, conn.path, conn.n, info)
 
     def connection_lost(self, conn: Connection) -> None:

@@ -1,0 +1,219 @@
+"""Fixtures: the real daemon as a subprocess on an ephemeral port, real curl clients.
+
+No mocks: every test talks to `python -m relayd` over loopback sockets. Each relay test
+compares every receiver's sha256 with the sender's.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CURL = shutil.which("curl")
+URL_RE = re.compile(rb"http://[0-9.]+:[0-9]+")
+START_TIMEOUT_S = 20
+CLIENT_TIMEOUT_S = 60
+
+
+class Relay:
+    """A running relayd: `url`, `port`, `stderr_text()`, `health()`."""
+
+    def __init__(self, tmp: Path, *args: str, workers: int = 1):
+        self.args = ["--host", "127.0.0.1", "--port", "0", "--workers", str(workers), *args]
+        self.workers = workers
+        self.stderr_path = tmp / f"relayd-{os.getpid()}-{time.monotonic_ns()}.err"
+        self._stderr = open(self.stderr_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "relayd", *self.args],
+                                     stdout=subprocess.PIPE, stderr=self._stderr)
+        self.banner = self._read_banner()
+        self.url = URL_RE.search(self.banner).group().decode()
+        self.port = int(self.url.rsplit(":", 1)[1])
+
+    def _read_banner(self) -> bytes:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        line = b""
+        while not line.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"relayd did not start: {self.stderr_text()}")
+            ready, _, _ = select.select([self.proc.stdout], [], [], left)
+            if ready:
+                chunk = os.read(self.proc.stdout.fileno(), 1)
+                if not chunk:
+                    continue
+                line += chunk
+        return line
+
+    def stderr_text(self) -> str:
+        self._stderr.flush()
+        return self.stderr_path.read_text(errors="replace")
+
+    def health(self) -> dict:
+        with urllib.request.urlopen(self.url + "/health", timeout=10) as r:
+            return json.loads(r.read())
+
+    def wait_idle(self, timeout: float = 20) -> dict:
+        """Wait until no pipe is waiting or streaming and every slot is free."""
+        deadline = time.monotonic() + timeout
+        while True:
+            h = self.health()
+            if not (h["pipes_waiting"] or h["pipes_streaming"] or h["slots_in_use"]):
+                return h
+            if time.monotonic() > deadline:
+                raise AssertionError(f"relay not idle: {h}")
+            time.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc.stdout.close()
+        self._stderr.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_relay(tmp_path):
+    """Factory: start_relay('--window', '512k', workers=2) -> Relay; stopped after the test."""
+    started = []
+
+    def start(*args: str, workers: int = 1) -> Relay:
+        relay = Relay(tmp_path, *args, workers=workers)
+        started.append(relay)
+        return relay
+
+    yield start
+    for relay in started:
+        relay.stop()
+
+
+@pytest.fixture(params=[1, 2], ids=["W1", "W2"])
+def relay(request, start_relay) -> Relay:
+    """A default relay, once with one worker and once with two."""
+    return start_relay(workers=request.param)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def payload(tmp_path: Path, size: int, name: str = "payload.bin", seed: int = 0) -> Path:
+    """A file of `size` pseudo-random bytes (deterministic per seed)."""
+    path = tmp_path / name
+    rnd = __import__("random").Random(seed)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 1 << 20)
+            f.write(rnd.randbytes(n))
+            left -= n
+    return path
+
+
+def curl_receiver(url: str, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([CURL, "-sS", "--max-time", str(CLIENT_TIMEOUT_S), *extra,
+                             "-o", str(out), url], stderr=subprocess.PIPE)
+
+
+def curl_sender(url: str, source: Path | None, *extra: str, stdin=None) -> subprocess.Popen:
+    """`curl -T file` (Content-Length) or, with source None, `curl -T -` (chunked) from stdin."""
+    return subprocess.Popen([CURL, "-sS", "--max-time", str(CLIENT_TIMEOUT_S), *extra,
+                             "-T", str(source) if source else "-", url],
+                            stdin=stdin if stdin is not None else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_all(procs, timeout: float = CLIENT_TIMEOUT_S + 10) -> list[int]:
+    deadline = time.monotonic() + timeout
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(max(0.1, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            codes.append("timeout")
+    return codes
+
+
+def wait_for(predicate, timeout: float = 15, interval: float = 0.02, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def waiting_count(relay: Relay) -> int:
+    return relay.health()["pipes_waiting"]
+
+
+def raw_request(port: int, request: bytes, timeout: float = 10) -> socket.socket:
+    """Open a socket to the relay and send raw request bytes; the caller reads."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    s.sendall(request)
+    return s
+
+
+def read_response(sock: socket.socket, limit: int = 1 << 20) -> bytes:
+    """Everything until the relay closes (or limit bytes)."""
+    data = b""
+    while len(data) < limit:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, socket.timeout):
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def http(port: int, method: str, target: str, headers: dict | None = None,
+         body: bytes = b"") -> tuple[int, dict, bytes]:
+    """One request with Connection: close; returns (status, headers lowercased, body)."""
+    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
+    for k, v in (headers or {}).items():
+        lines.append(f"{k}: {v}")
+    if body or method in ("PUT", "POST"):
+        lines.append(f"Content-Length: {len(body)}")
+    s = raw_request(port, ("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+    data = read_response(s)
+    s.close()
+    head, _, rest = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    hdrs = {}
+    for line in header_lines:
+        k, _, v = line.partition(":")
+        hdrs[k.strip().lower()] = v.strip()
+    return int(status_line.split()[1]), hdrs, rest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _curl_present():
+    if CURL is None:
+        pytest.exit("curl is required: apt-get install -y curl", returncode=2)
