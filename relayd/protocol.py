@@ -100,6 +100,7 @@ class Connection:
         self.close_after_flush = False
         self.timer = None
         self.stream = None               # streaming.SenderStream / Receiver once streaming
+        self.requests = 0
         # lifetime: one request
         self.parser = httptools.HttpRequestParser(self)
         self._reset_request()
@@ -207,6 +208,7 @@ class Connection:
 
     # -- routing ---------------------------------------------------------------------------
     def route(self) -> None:
+        self.requests += 1
         method = self.parser.get_method()
         self.version = self.parser.get_http_version()
         if self.version not in ("1.0", "1.1"):

@@ -219,10 +219,12 @@ class Registry:
             pipe.apply(Event.body_ended)
         return []
 
-    def sender_lost(self, worker: int, slot: int, gen: int, reason: str) -> Outbox:
+    def sender_lost(self, worker: int, slot: int, gen: int, reason: str,
+                    nbytes: int = 0) -> Outbox:
         pipe = self.transfers.get((slot, gen))
         if pipe is None:
             return []
+        pipe.body_bytes = max(pipe.body_bytes, nbytes)
         pipe.apply(Event.sender_lost)
         pipe.abort_reason = reason
         return self._maybe_close(pipe)

@@ -245,7 +245,7 @@ class SenderStream:
             return
         self.ended = True
         self._finish_state(ring.ABORTED)
-        self.worker.report("sender_lost", self.slot, self.gen, reason)
+        self.worker.report("sender_lost", self.slot, self.gen, reason, self.body_bytes)
         self.conn.write_progress(f"[ERROR] {reason}\n")
         self.close()
 

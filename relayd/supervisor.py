@@ -15,6 +15,7 @@ import errno
 import os
 import pickle
 import platform
+import resource
 import selectors
 import signal
 import socket
@@ -45,6 +46,7 @@ class WorkerHandle:
         self.ready = False
         self.spawned = time.monotonic()
         self.retiring = False
+        self.told_to_retire = False
 
 
 def log(message: str) -> None:
@@ -97,6 +99,10 @@ class Supervisor:
         if platform.machine() not in ("x86_64", "AMD64"):
             raise StartupError("relayd's shared-memory ordering relies on x86-64 (TSO); "
                                f"this machine is {platform.machine()}")
+        # Every waiting party holds a descriptor: take all the hard limit allows, as nginx does.
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         self.reserve_port()
         c = self.config
         self.arena = ring.Arena(c.max_transfers, c.window, c.worker_slots)
@@ -291,6 +297,14 @@ class Supervisor:
 
     def msg_ready(self, handle: WorkerHandle, pid: int) -> None:
         handle.ready = True
+        fresh = [w for w in self.workers.values() if not w.retiring]
+        if all(w.ready for w in fresh):
+            # Reload: the old workers stop accepting only once the new ones listen, so the
+            # port never lacks a listener.
+            for w in self.workers.values():
+                if w.retiring and not w.told_to_retire:
+                    w.told_to_retire = True
+                    self._signal(w, signal.SIGTERM)
         if not self.announced and sum(w.ready for w in self.workers.values()) \
                 >= self.config.workers:
             self.announced = True
@@ -308,8 +322,8 @@ class Supervisor:
     def msg_body_ended(self, handle, slot, gen, nbytes) -> None:
         self.send_all(self.registry.body_ended(handle.index, slot, gen, nbytes))
 
-    def msg_sender_lost(self, handle, slot, gen, reason) -> None:
-        self.send_all(self.registry.sender_lost(handle.index, slot, gen, reason))
+    def msg_sender_lost(self, handle, slot, gen, reason, nbytes) -> None:
+        self.send_all(self.registry.sender_lost(handle.index, slot, gen, reason, nbytes))
 
     def msg_released(self, handle, slot, gen) -> None:
         self.registry.released(handle.index, slot, gen)
@@ -375,8 +389,6 @@ class Supervisor:
             w.retiring = True
         for _ in range(self.config.workers):
             self.spawn_worker()
-        for w in old:
-            self._signal(w, signal.SIGTERM)
 
     def handle_chld(self) -> None:
         pass    # reap_workers runs after every loop pass

@@ -123,8 +123,9 @@ class Worker:
         self.stop_accepting()
         for conn in list(self.conns.values()):
             if conn.phase in (Connection.HEAD, Connection.JOINING, Connection.WAITING):
-                if conn.head_bytes == 0 and conn.phase == Connection.HEAD:
-                    conn.close()
+                if conn.phase == Connection.HEAD:
+                    if conn.requests and conn.head_bytes == 0:
+                        conn.close()      # idle keep-alive; a fresh one is still served
                 elif conn.role == "sender" and conn.head_sent:
                     conn.write_progress("[ERROR] the relay is shutting down\n")
                     conn.close_after_progress()
@@ -135,8 +136,7 @@ class Worker:
         self.exit_when_idle()
 
     def exit_when_idle(self) -> None:
-        if not self.senders and not self.groups and not any(
-                c.phase == Connection.STREAMING for c in self.conns.values()):
+        if not self.senders and not self.groups and not self.conns:
             self.loop.stop()
         else:
             self.loop.call_later(0.05, self.exit_when_idle)
@@ -152,14 +152,17 @@ class Worker:
         os._exit(0)
 
     def stop_accepting(self) -> None:
+        """Close the listener after taking what is queued on it: connections still queued
+        on a closing listener are reset, not migrated to another worker's."""
         if self.listener is not None:
+            self.on_accept(batch=1 << 30)
             self.loop.remove_reader(self.listener.fileno())
             self.listener.close()
             self.listener = None
 
     # -- accepting -------------------------------------------------------------------------
-    def on_accept(self) -> None:
-        for _ in range(ACCEPT_BATCH):
+    def on_accept(self, batch: int = ACCEPT_BATCH) -> None:
+        for _ in range(batch):
             try:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -278,10 +281,8 @@ class Worker:
         else:
             conn.fail(HttpError(status, reason))
 
-    on_expired_status = 408
-
     def on_expired(self, conn_id: int, reason: str) -> None:
-        self.on_rejected(conn_id, self.on_expired_status, reason)
+        self.on_rejected(conn_id, 408, reason)
 
     def on_progress(self, conn_id: int, connected: int, n: int) -> None:
         conn = self._party(conn_id)
@@ -296,21 +297,22 @@ class Worker:
     def on_start_sender(self, conn_id: int, slot: int, gen: int, mode: str, n: int,
                         receiver_workers: list[int]) -> None:
         conn = self._party(conn_id)
-        if conn is None:
+        if conn is not None:
+            if self.waiting_senders.pop(conn.fd, None) is not None:
+                self.epoll.unregister(conn.fd)
+            if conn.phase == Connection.JOINING:
+                conn.accept_sender()
+            conn.write_progress(f"[INFO] Start sending to {n} receiver(s)!\n")
+        if conn is None or conn.phase == Connection.CLOSED:
             # It left as the rendezvous completed: the receivers see an empty, aborted body.
             f = ring.SlotFields(self.arena, slot)
             self.arena.store(f.state, ring.ABORTED)
             ring.fence()
             for w in receiver_workers:
                 self.kick(w)
-            self.report("sender_lost", slot, gen, "the sender left as the transfer started")
+            self.report("sender_lost", slot, gen, "the sender left as the transfer started", 0)
             self.report("released", slot, gen)
             return
-        if self.waiting_senders.pop(conn.fd, None) is not None:
-            self.epoll.unregister(conn.fd)
-        if conn.phase == Connection.JOINING:
-            conn.accept_sender()
-        conn.write_progress(f"[INFO] Start sending to {n} receiver(s)!\n")
         stream = SenderStream(self, conn, slot, gen, mode, n, receiver_workers)
         self.senders[slot] = stream
         stream.start()
