@@ -311,9 +311,6 @@ class Connection:
         else:
             self.reply(404, b"[ERROR] /metrics is not served yet\n", close=close,
                        head_only=head_only)
-        if not close:
-            self._reset_request()
-            self._arm_timer(self.worker.config.keepalive_timeout_s, self.on_idle_timeout)
 
     # -- writing ---------------------------------------------------------------------------
     def reply(self, status: int, body: bytes, content_type: bytes = b"text/plain; charset=utf-8",
@@ -321,6 +318,9 @@ class Connection:
         self.write(simple_response(status, body, content_type, close, extra, head_only))
         if close:
             self.close_gracefully()
+        else:                      # kept alive: ready for the next request, within the idle limit
+            self._reset_request()
+            self._arm_timer(self.worker.config.keepalive_timeout_s, self.on_idle_timeout)
 
     def fail(self, error: HttpError) -> None:
         """Answer a client's mistake once and close; a response already begun just closes."""

@@ -25,7 +25,7 @@ import uvloop
 
 from relayd import __version__, ring
 from relayd.config import Config
-from relayd.protocol import Connection, HttpError
+from relayd.protocol import Connection, HttpError, simple_response
 from relayd.streaming import ReceiverGroup, SenderStream
 
 PR_SET_PDEATHSIG = 1
@@ -174,8 +174,9 @@ class Worker:
             if len(self.conns) >= self.config.max_connections:
                 sock.setblocking(False)
                 try:
-                    sock.send(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"
-                              b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+                    sock.send(simple_response(
+                        503, b"[ERROR] the relay is at its connection limit; retry\n",
+                        extra=b"Retry-After: 1\r\n"))
                 except OSError:
                     pass
                 sock.close()
