@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds an idle kept-alive connection stays open")
     p.add_argument("--graceful-timeout", type=float, default=d.graceful_timeout_s,
                    help="seconds SIGTERM waits for streaming transfers before aborting them")
+    p.add_argument("--receiver-stall-timeout", type=float, default=d.receiver_stall_timeout_s,
+                   help="seconds a receiver with bytes to take may make no progress before it is "
+                        "closed (its body ends short; the others go on)")
+    p.add_argument("--sender-idle-timeout", type=float, default=d.sender_idle_timeout_s,
+                   help="seconds a streaming sender may send nothing before its transfer aborts")
+    p.add_argument("--worker-timeout", type=float, default=d.worker_timeout_s,
+                   help="seconds without a worker heartbeat before it is killed and replaced")
     return p
 
 
@@ -64,6 +71,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         sendfile_from_n=args.sendfile_from_n, max_connections=args.max_connections,
         rendezvous_timeout_s=args.rendezvous_timeout, head_timeout_s=args.head_timeout,
         keepalive_timeout_s=args.keepalive_timeout, graceful_timeout_s=args.graceful_timeout,
+        receiver_stall_timeout_s=args.receiver_stall_timeout,
+        sender_idle_timeout_s=args.sender_idle_timeout, worker_timeout_s=args.worker_timeout,
     ).validate()
 
 

@@ -44,6 +44,10 @@ class Config:
     keepalive_timeout_s: float = 15.0
     rendezvous_timeout_s: float = 300.0      # a pipe nobody completes does not live forever
     graceful_timeout_s: float = 30.0
+    receiver_stall_timeout_s: float = 60.0   # unsent bytes and no progress: close (nginx send_timeout)
+    # A model may load for minutes before its first token: senders get longer than receivers.
+    sender_idle_timeout_s: float = 300.0
+    worker_timeout_s: float = 30.0           # no heartbeat for this long: kill and replace
 
     @property
     def punch_block(self) -> int:
@@ -73,7 +77,8 @@ class Config:
         if not 1 <= self.sendfile_from_n <= MAX_RECEIVERS + 1:
             raise ConfigError(f"--sendfile-from-n {self.sendfile_from_n}: must be 1..257")
         for name in ("head_timeout_s", "keepalive_timeout_s", "rendezvous_timeout_s",
-                     "graceful_timeout_s"):
+                     "graceful_timeout_s", "receiver_stall_timeout_s", "sender_idle_timeout_s",
+                     "worker_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name[:-2].replace('_', '-')}: must be > 0 seconds")
         return self

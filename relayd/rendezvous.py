@@ -265,7 +265,8 @@ class Registry:
         self.log(f"transfer path={pipe.path.decode('latin-1')!r} n={pipe.n} "
                  f"bytes={pipe.body_bytes} seconds={time.monotonic() - pipe.started:.3f} "
                  f"transmit={pipe.transmit} receivers_done={pipe.done_receivers} "
-                 f"receivers_lost={pipe.lost_receivers} workers={spread} outcome={outcome}")
+                 f"receivers_lost={pipe.lost_receivers} sender=w{pipe.sender[0]} "
+                 f"workers={spread} outcome={outcome}")
 
     def released(self, worker: int, slot: int, gen: int) -> None:
         self.slots.release(worker, slot, gen)

@@ -18,8 +18,10 @@ Theory of operation (DESIGN §3-§4):
 """
 from __future__ import annotations
 
+import fcntl
 import os
-import socket
+import struct
+import termios
 from typing import TYPE_CHECKING
 
 import httptools
@@ -65,6 +67,7 @@ class SenderStream:
         self.body_bytes = 0
         self.pieces: list[bytes] = []
         self.message_done = False
+        self.progress_at = worker.loop.time()
 
     # -- start -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -120,6 +123,7 @@ class SenderStream:
                 self.abort("the sender closed its connection before the body ended")
                 break
             budget -= got
+            self.progress_at = self.worker.loop.time()
             if self.chunked:
                 try:
                     self.conn.parser.feed_data(data)
@@ -200,8 +204,13 @@ class SenderStream:
                 return
         a.store(f.wake_at, 0)
         self.paused = False
+        self.progress_at = self.worker.loop.time()   # backpressure was ours, not its idleness
         self.worker.loop.add_reader(self.conn.fd, self.on_readable)
         self.on_readable()
+
+    def check_idle(self, now: float, limit: float) -> None:
+        if not self.paused and not self.ended and now - self.progress_at > limit:
+            self.abort(f"the sender sent nothing for {limit:g} s")
 
     # -- publishing ------------------------------------------------------------------------
     def publish(self) -> None:
@@ -274,7 +283,7 @@ class SenderStream:
 
 class Receiver:
     __slots__ = ("conn", "sock", "fd", "cursor", "blocked", "head", "deframe", "frame_left",
-                 "skip")
+                 "skip", "progress_at", "outq")
 
     def __init__(self, conn: "Connection", head: bytes, deframe: bool):
         self.conn = conn
@@ -286,6 +295,8 @@ class Receiver:
         self.deframe = deframe          # an HTTP/1.0 receiver of a chunked body
         self.frame_left = 0
         self.skip = 0
+        self.progress_at = conn.loop.time()
+        self.outq = -1
 
 
 class ReceiverGroup:
@@ -453,7 +464,31 @@ class ReceiverGroup:
     def _on_writable(self, r: Receiver) -> None:
         self.loop.remove_writer(r.fd)
         r.blocked = False
+        r.progress_at = self.loop.time()      # its socket drained: it is reading
         self.service()
+
+    def close_stalled(self, now: float, limit: float) -> None:
+        """Close receivers whose socket has stayed full for `limit` seconds: one that stopped
+        reading would otherwise hold the producer, and so everyone, once the window is full."""
+        stalled = []
+        for r in self.receivers:
+            if not r.blocked:
+                continue
+            # A slow reader drains its socket queue without making it writable for long
+            # (writability waits for half the buffer): a shrinking queue is progress too.
+            try:
+                outq = struct.unpack("i", fcntl.ioctl(r.fd, termios.TIOCOUTQ, b"\0" * 4))[0]
+            except OSError:
+                outq = -1
+            if outq != r.outq:
+                r.outq = outq
+                r.progress_at = now
+            elif now - r.progress_at > limit:
+                stalled.append(r)
+        for r in stalled:
+            self._finish(r, ok=False)
+        if stalled:
+            self._publish()
 
     def _on_readable(self, r: Receiver) -> None:
         """Input from a streaming receiver is discarded; EOF or a reset means it left.

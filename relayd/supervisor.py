@@ -47,6 +47,7 @@ class WorkerHandle:
         self.spawned = time.monotonic()
         self.retiring = False
         self.told_to_retire = False
+        self.killed = False
 
 
 def log(message: str) -> None:
@@ -142,6 +143,7 @@ class Supervisor:
             now = time.monotonic()
             self.send_all(self.registry.expire(now))
             self.publish_stats()
+            self.check_heartbeats()
             if self.stopping:
                 if not self.workers:
                     break
@@ -227,6 +229,21 @@ class Supervisor:
             quick = time.monotonic() - handle.spawned < QUICK_DEATH_S
             self.backoff_s = min(RESPAWN_BACKOFF_MAX_S, self.backoff_s * 2 or 0.1) if quick else 0
             self.respawn_at = time.monotonic() + self.backoff_s
+
+    def check_heartbeats(self) -> None:
+        """A stopped or hung worker still gets its share of new connections (measured):
+        kill it once its heartbeat is older than --worker-timeout; reaping replaces it."""
+        limit = self.config.worker_timeout_s
+        wall, mono = time.time(), time.monotonic()
+        for w in self.workers.values():
+            if not w.ready or w.killed or mono - w.spawned < limit:
+                continue
+            beat = self.arena.load(self.arena.stat_index(w.index, ring.STAT_HEARTBEAT))
+            if wall - beat > limit:
+                log(f"worker {w.index} (pid {w.pid}) missed its heartbeat for "
+                    f"{wall - beat:.0f} s; killing it")
+                w.killed = True
+                self._signal(w, signal.SIGKILL)
 
     def worker_gone(self, handle: WorkerHandle) -> None:
         del self.workers[handle.index]

@@ -378,7 +378,16 @@ class Worker:
         a.store(a.stat_index(i, ring.STAT_HEARTBEAT), int(time.time()))
         a.store(a.stat_index(i, ring.STAT_PIPES_ACTIVE), len(self.senders) + len(self.groups))
         if reschedule:
+            self.check_timeouts()
             self.loop.call_later(STATS_INTERVAL_S, self.publish_stats)
+
+    def check_timeouts(self) -> None:
+        """Once a second, not on the data path: stalled receivers, idle senders."""
+        now, c = self.loop.time(), self.config
+        for group in list(self.groups.values()):
+            group.close_stalled(now, c.receiver_stall_timeout_s)
+        for stream in list(self.senders.values()):
+            stream.check_idle(now, c.sender_idle_timeout_s)
 
     def health(self) -> dict:
         self.publish_stats(reschedule=False)
