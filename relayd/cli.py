@@ -8,6 +8,13 @@ from relayd import __version__
 from relayd.config import TRANSMIT_MODES, Config, ConfigError, default_workers
 
 
+SUBCOMMANDS = {
+    # name: (module, what it does) -- each module has main(argv) -> exit status
+    "sign": ("relayd.auth", "print a signed send or receive URL"),
+    "forward": ("relayd.forward", "relay a pipe of this node into a pipe of another"),
+}
+
+
 def size(text: str) -> int:
     """'4M', '512k', '1048576' -> bytes."""
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -61,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a streaming sender may send nothing before its transfer aborts")
     p.add_argument("--worker-timeout", type=float, default=d.worker_timeout_s,
                    help="seconds without a worker heartbeat before it is killed and replaced")
+    p.add_argument("--secret-file", default=d.secret_file,
+                   help="keys and tokens (0600 file): when given, every pipe request needs a "
+                        "signed URL or a bearer token; see `relayd sign --help`")
+    p.epilog = "subcommands: " + "; ".join(f"relayd {k}: {v}" for k, (_, v) in SUBCOMMANDS.items())
     return p
 
 
@@ -73,10 +84,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
         keepalive_timeout_s=args.keepalive_timeout, graceful_timeout_s=args.graceful_timeout,
         receiver_stall_timeout_s=args.receiver_stall_timeout,
         sender_idle_timeout_s=args.sender_idle_timeout, worker_timeout_s=args.worker_timeout,
+        secret_file=args.secret_file,
     ).validate()
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUBCOMMANDS:
+        import importlib
+        return importlib.import_module(SUBCOMMANDS[argv[0]][0]).main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -48,6 +48,7 @@ class Config:
     # A model may load for minutes before its first token: senders get longer than receivers.
     sender_idle_timeout_s: float = 300.0
     worker_timeout_s: float = 30.0           # no heartbeat for this long: kill and replace
+    secret_file: str | None = None           # access control off unless given (relayd/auth.py)
 
     @property
     def punch_block(self) -> int:

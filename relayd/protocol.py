@@ -254,6 +254,8 @@ class Connection:
             raise HttpError(405, f"{method.decode()} is not a pipe method: GET receives, "
                                  "PUT or POST sends", b"Allow: GET, PUT, POST, OPTIONS\r\n")
         self.n = parse_n(parsed.query)
+        if self.worker.auth is not None:     # raises HttpError(401/403/429) when refused
+            self.worker.auth.check(self, b"GET" if method == b"GET" else b"PUT", parsed.query)
         if method == b"GET":
             self.role = "receiver"
             info = {"version": self.version}

@@ -104,8 +104,14 @@ class Supervisor:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        self.reserve_port()
         c = self.config
+        if c.secret_file:          # refuse a bad secret file before any worker trips on it
+            from relayd.auth import Authorizer
+            try:
+                Authorizer.from_file(c.secret_file)
+            except (OSError, ValueError) as e:
+                raise StartupError(f"--secret-file {c.secret_file}: {e}") from None
+        self.reserve_port()
         self.arena = ring.Arena(c.max_transfers, c.window, c.worker_slots)
         self.eventfds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                          for _ in range(c.worker_slots)]

@@ -84,6 +84,10 @@ class Worker:
         self.rejections: dict[int, int] = {}
         self.draining = False
         self.started = time.time()
+        self.auth = None
+        if config.secret_file:
+            from relayd.auth import Authorizer
+            self.auth = Authorizer.from_file(config.secret_file)
 
     # -- lifecycle -------------------------------------------------------------------------
     def run(self) -> int:
