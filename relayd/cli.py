@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tomllib
 
 from relayd import __version__
-from relayd.config import TRANSMIT_MODES, Config, ConfigError, default_workers
+from relayd.config import LOG_FORMATS, TRANSMIT_MODES, Config, ConfigError, default_workers
 
 
 SUBCOMMANDS = {
@@ -27,65 +29,138 @@ def size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4M, 512k)") from None
 
 
+# flag, Config field, parser, help. One table: flags, RELAYD_* variables and config-file keys
+# all come from it, so the three can never disagree.
+OPTIONS = [
+    ("--host", "host", str, "address to listen on"),
+    ("--port", "port", int, "TCP port; 0 picks a free one"),
+    ("--workers", "workers", int, "worker processes (default: CPUs available)"),
+    ("--window", "window", size, "ring bytes per streaming pipe (power of two): how far the "
+                                 "fastest receiver may lead the slowest"),
+    ("--max-pipes", "max_pipes", int, "pipes known at once, waiting or streaming (503 beyond)"),
+    ("--max-transfers", "max_transfers", int,
+     "pipes streaming at once: ring slots in the arena (503 beyond)"),
+    ("--transmit", "transmit", str, "copy: send() from the ring; sendfile: zero-copy from the "
+                                    "memfd; auto: per pipe by n"),
+    ("--sendfile-from-n", "sendfile_from_n", int,
+     "with --transmit auto: pipes with n >= this use sendfile"),
+    ("--max-connections", "max_connections", int, "connections per worker (503 beyond)"),
+    ("--rendezvous-timeout", "rendezvous_timeout_s", float,
+     "seconds a pipe may wait for its sender and receivers"),
+    ("--head-timeout", "head_timeout_s", float,
+     "seconds a client has to send its request head (408)"),
+    ("--keepalive-timeout", "keepalive_timeout_s", float,
+     "seconds an idle kept-alive connection stays open"),
+    ("--graceful-timeout", "graceful_timeout_s", float,
+     "seconds SIGTERM waits for streaming transfers before aborting them"),
+    ("--receiver-stall-timeout", "receiver_stall_timeout_s", float,
+     "seconds a receiver with bytes to take may make no progress before it is closed (its "
+     "body ends short; the others go on)"),
+    ("--sender-idle-timeout", "sender_idle_timeout_s", float,
+     "seconds a streaming sender may send nothing before its transfer aborts"),
+    ("--worker-timeout", "worker_timeout_s", float,
+     "seconds without a worker heartbeat before it is killed and replaced"),
+    ("--secret-file", "secret_file", str,
+     "keys and tokens (0600 file): when given, every pipe request needs a signed URL or a "
+     "bearer token; see `relayd sign --help`"),
+    ("--log-format", "log_format", str, "text or json lines on stderr"),
+    ("--access-log", "access_log", bool, "one line per request (off by default)"),
+]
+ENV_PREFIX = "RELAYD_"
+
+
+def env_name(flag: str) -> str:
+    return ENV_PREFIX + flag[2:].replace("-", "_").upper()
+
+
+def parse_bool(text: str) -> bool:
+    t = str(text).strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    d = Config(workers=1)
+    d = Config(workers=default_workers())
     p = argparse.ArgumentParser(
         prog="relayd",
         description="HTTP pipe daemon: `PUT /path?n=N` streams once, N x `GET /path?n=N` "
-                    "receive identical bytes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "receive identical bytes. Settings come from, lowest first: defaults, "
+                    "the config file (--config or $RELAYD_CONFIG, TOML), RELAYD_* environment "
+                    "variables (e.g. RELAYD_PORT), flags.",
+        epilog="subcommands: " + "; ".join(f"relayd {k}: {v}"
+                                            for k, (_, v) in SUBCOMMANDS.items()))
     p.add_argument("--version", action="version", version=f"relayd {__version__}")
-    p.add_argument("--host", default=d.host, help="address to listen on")
-    p.add_argument("--port", type=int, default=d.port, help="TCP port; 0 picks a free one")
-    p.add_argument("--workers", type=int, default=default_workers(),
-                   help="worker processes (default: CPUs available)")
-    p.add_argument("--window", type=size, default=d.window,
-                   help="ring bytes per streaming pipe (power of two): how far the fastest "
-                        "receiver may lead the slowest")
-    p.add_argument("--max-pipes", type=int, default=d.max_pipes,
-                   help="pipes known at once, waiting or streaming (503 beyond)")
-    p.add_argument("--max-transfers", type=int, default=d.max_transfers,
-                   help="pipes streaming at once: ring slots in the arena (503 beyond)")
-    p.add_argument("--transmit", choices=TRANSMIT_MODES, default=d.transmit,
-                   help="copy: send() from the ring; sendfile: zero-copy from the memfd; "
-                        "auto: per pipe by n")
-    p.add_argument("--sendfile-from-n", type=int, default=d.sendfile_from_n,
-                   help="with --transmit auto: pipes with n >= this use sendfile")
-    p.add_argument("--max-connections", type=int, default=d.max_connections,
-                   help="connections per worker (503 beyond)")
-    p.add_argument("--rendezvous-timeout", type=float, default=d.rendezvous_timeout_s,
-                   help="seconds a pipe may wait for its sender and receivers")
-    p.add_argument("--head-timeout", type=float, default=d.head_timeout_s,
-                   help="seconds a client has to send its request head (408)")
-    p.add_argument("--keepalive-timeout", type=float, default=d.keepalive_timeout_s,
-                   help="seconds an idle kept-alive connection stays open")
-    p.add_argument("--graceful-timeout", type=float, default=d.graceful_timeout_s,
-                   help="seconds SIGTERM waits for streaming transfers before aborting them")
-    p.add_argument("--receiver-stall-timeout", type=float, default=d.receiver_stall_timeout_s,
-                   help="seconds a receiver with bytes to take may make no progress before it is "
-                        "closed (its body ends short; the others go on)")
-    p.add_argument("--sender-idle-timeout", type=float, default=d.sender_idle_timeout_s,
-                   help="seconds a streaming sender may send nothing before its transfer aborts")
-    p.add_argument("--worker-timeout", type=float, default=d.worker_timeout_s,
-                   help="seconds without a worker heartbeat before it is killed and replaced")
-    p.add_argument("--secret-file", default=d.secret_file,
-                   help="keys and tokens (0600 file): when given, every pipe request needs a "
-                        "signed URL or a bearer token; see `relayd sign --help`")
-    p.epilog = "subcommands: " + "; ".join(f"relayd {k}: {v}" for k, (_, v) in SUBCOMMANDS.items())
+    p.add_argument("--config", help="TOML file of settings (keys as the flags: port = 8080)")
+    p.add_argument("--check", action="store_true",
+                   help="print the effective settings and where each came from, then exit")
+    for flag, field, kind, text in OPTIONS:
+        default = getattr(d, field)
+        text = f"{text} [default: {default}; env {env_name(flag)}]"
+        if kind is bool:
+            p.add_argument(flag, action="store_const", const=True, default=None, help=text)
+        elif field == "transmit":
+            p.add_argument(flag, choices=TRANSMIT_MODES, default=None, help=text)
+        elif field == "log_format":
+            p.add_argument(flag, choices=LOG_FORMATS, default=None, help=text)
+        else:
+            p.add_argument(flag, type=kind, default=None, help=text)
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    return Config(
-        host=args.host, port=args.port, workers=args.workers, window=args.window,
-        max_pipes=args.max_pipes, max_transfers=args.max_transfers, transmit=args.transmit,
-        sendfile_from_n=args.sendfile_from_n, max_connections=args.max_connections,
-        rendezvous_timeout_s=args.rendezvous_timeout, head_timeout_s=args.head_timeout,
-        keepalive_timeout_s=args.keepalive_timeout, graceful_timeout_s=args.graceful_timeout,
-        receiver_stall_timeout_s=args.receiver_stall_timeout,
-        sender_idle_timeout_s=args.sender_idle_timeout, worker_timeout_s=args.worker_timeout,
-        secret_file=args.secret_file,
-    ).validate()
+def resolve(args: argparse.Namespace, environ) -> tuple[Config, dict[str, str]]:
+    """Merge defaults < config file < environment < flags; returns (Config, field -> source)."""
+    values: dict = {}
+    source: dict[str, str] = {}
+    path = args.config or environ.get(ENV_PREFIX + "CONFIG")
+    if path:
+        try:
+            with open(path, "rb") as f:
+                table = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"--config {path}: {e}") from None
+        known = {flag[2:].replace("-", "_"): (field, kind) for flag, field, kind, _ in OPTIONS}
+        for key, value in table.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"--config {path}: unknown setting {key!r}")
+            field, kind = known[name]
+            values[field] = _convert(kind, value, f"{path}: {key}")
+            source[field] = f"file {path}"
+    for flag, field, kind, _ in OPTIONS:
+        name = env_name(flag)
+        if name in environ:
+            values[field] = _convert(kind, environ[name], name)
+            source[field] = f"env {name}"
+        given = getattr(args, field_attr(flag))
+        if given is not None:
+            values[field] = given
+            source[field] = f"flag {flag}"
+    config = Config(**values).validate()
+    return config, source
+
+
+def field_attr(flag: str) -> str:
+    return flag[2:].replace("-", "_")
+
+
+def _convert(kind, value, where: str):
+    try:
+        if kind is bool:
+            return value if isinstance(value, bool) else parse_bool(value)
+        if kind is size:
+            return value if isinstance(value, int) else size(str(value))
+        return kind(value)
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def print_check(config: Config, source: dict[str, str]) -> None:
+    print(f"relayd {__version__}: settings (defaults < config file < environment < flags)")
+    for flag, field, _, _ in OPTIONS:
+        print(f"  {flag[2:]:24} {getattr(config, field)!s:24} {source.get(field, 'default')}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,9 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        config = config_from_args(args)
+        config, source = resolve(args, os.environ)
     except ConfigError as e:
         parser.error(str(e))
+    if args.check:
+        print_check(config, source)
+        return 0
     from relayd.supervisor import serve          # after parsing: --help stays fast
     return serve(config)
 

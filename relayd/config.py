@@ -9,6 +9,7 @@ import dataclasses
 import os
 
 TRANSMIT_MODES = ("auto", "copy", "sendfile")
+LOG_FORMATS = ("text", "json")
 PUNCH_BLOCK_BYTES = 256 * 1024          # B: the unit in which ring pages are punched
 MAX_RECEIVERS = 256
 
@@ -49,6 +50,8 @@ class Config:
     sender_idle_timeout_s: float = 300.0
     worker_timeout_s: float = 30.0           # no heartbeat for this long: kill and replace
     secret_file: str | None = None           # access control off unless given (relayd/auth.py)
+    log_format: str = "text"
+    access_log: bool = False
 
     @property
     def punch_block(self) -> int:
@@ -73,6 +76,8 @@ class Config:
             raise ConfigError(f"--max-transfers {self.max_transfers}: must be 1..65536")
         if self.max_pipes < 1:
             raise ConfigError(f"--max-pipes {self.max_pipes}: must be at least 1")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"--log-format {self.log_format}: must be text or json")
         if self.transmit not in TRANSMIT_MODES:
             raise ConfigError(f"--transmit {self.transmit}: must be one of {', '.join(TRANSMIT_MODES)}")
         if not 1 <= self.sendfile_from_n <= MAX_RECEIVERS + 1:

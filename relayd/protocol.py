@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from relayd import __version__, pages
+from relayd import __version__, metrics, pages
 from relayd.config import MAX_RECEIVERS
 
 if TYPE_CHECKING:
@@ -88,13 +88,14 @@ class Connection:
     # phases
     HEAD, JOINING, WAITING, STREAMING, CLOSING, CLOSED = range(6)
 
-    def __init__(self, worker: "Worker", sock: socket.socket, conn_id: int):
+    def __init__(self, worker: "Worker", sock: socket.socket, conn_id: int, peer: str = ""):
         # lifetime: the socket
         self.worker = worker
         self.loop = worker.loop
         self.sock = sock
         self.fd = sock.fileno()
         self.id = conn_id
+        self.peer = peer
         self.phase = self.HEAD
         self.outbuf = bytearray()
         self.close_after_flush = False
@@ -109,6 +110,7 @@ class Connection:
 
     def _reset_request(self) -> None:
         self.url = b""
+        self.method = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_bytes = 0
         self.headers_done = False
@@ -209,7 +211,7 @@ class Connection:
     # -- routing ---------------------------------------------------------------------------
     def route(self) -> None:
         self.requests += 1
-        method = self.parser.get_method()
+        self.method = method = self.parser.get_method()
         self.version = self.parser.get_http_version()
         if self.version not in ("1.0", "1.1"):
             raise HttpError(505, f"HTTP/{self.version} is not supported; use HTTP/1.1")
@@ -304,19 +306,27 @@ class Connection:
         elif self.path == b"/version":
             self.reply(200, f"relayd {__version__}\n".encode(), close=close, head_only=head_only)
         elif self.path == b"/health":
-            body = json.dumps(self.worker.health(), indent=1).encode() + b"\n"
-            self.reply(200, body, b"application/json", close, head_only=head_only)
+            health = self.worker.health()
+            body = json.dumps(health, indent=1).encode() + b"\n"
+            # 503 while draining: a balancer's health check moves new pipes elsewhere.
+            self.reply(200 if health["status"] == "ok" else 503, body, b"application/json",
+                       close, head_only=head_only)
         elif self.path == b"/favicon.ico":
             self.reply(204, b"", close=close, head_only=head_only)
         elif self.path == b"/robots.txt":
             self.reply(200, b"User-agent: *\nDisallow: /\n", close=close, head_only=head_only)
-        else:
-            self.reply(404, b"[ERROR] /metrics is not served yet\n", close=close,
+        else:                                   # /metrics
+            auth = self.worker.auth
+            if auth is not None and not auth.metrics_allowed(self.headers):
+                raise HttpError(401, "/metrics needs a token with the metrics role",
+                                b'WWW-Authenticate: Bearer realm="relayd"\r\n')
+            self.reply(200, metrics.render(self.worker), metrics.CONTENT_TYPE, close,
                        head_only=head_only)
 
     # -- writing ---------------------------------------------------------------------------
     def reply(self, status: int, body: bytes, content_type: bytes = b"text/plain; charset=utf-8",
               close: bool = True, extra: bytes = b"", head_only: bool = False) -> None:
+        self.worker.access(self, status)
         self.write(simple_response(status, body, content_type, close, extra, head_only))
         if close:
             self.close_gracefully()
@@ -331,7 +341,7 @@ class Connection:
         if self.head_sent:
             self.close()
             return
-        self.worker.count_rejection(error.status)
+        self.worker.count_rejection(self, error.status, error.reason)
         body = f"[ERROR] {error.reason}\n".encode()
         self.write(simple_response(error.status, body, extra=error.headers))
         self.close_gracefully()

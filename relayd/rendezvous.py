@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from relayd import ring
+from relayd import logs, ring
 from relayd.config import Config
 from relayd.pipe import Event, Party, Pipe, PipeState
 
@@ -69,18 +69,17 @@ class SlotTable:
 class Registry:
     """Every pipe the daemon knows, keyed by raw path bytes."""
 
-    def __init__(self, config: Config, arena: ring.Arena, kick: Callable[[int], None],
-                 log: Callable[[str], None]):
+    def __init__(self, config: Config, arena: ring.Arena, kick: Callable[[int], None]):
         self.config = config
         self.arena = arena
         self.kick = kick
-        self.log = log
         self.slots = SlotTable(arena)
         self.pipes: dict[bytes, Pipe] = {}
         self.waiting_party: dict[Party, Pipe] = {}
         self.transfers: dict[tuple[int, int], Pipe] = {}
         self.transfers_done = 0
         self.transfers_aborted = 0
+        self.outcomes: dict[str, int] = {}     # TRANSFER_OUTCOMES category -> count
 
     # -- rendezvous ------------------------------------------------------------------------
     def join(self, worker: int, conn: int, role: str, path: bytes, n: int,
@@ -237,20 +236,26 @@ class Registry:
         if pipe.state is PipeState.STREAMING:
             pipe.apply(Event.last_receiver_lost)
             out.append((sw, ("abort_sender", pipe.slot, pipe.gen, "all receivers left")))
-            outcome = "aborted: all receivers left"
+            outcome, category = "aborted: all receivers left", "receivers_left"
         else:
             drained = pipe.state is PipeState.DRAINING
             pipe.apply(Event.last_receiver_gone)
             if drained:
                 out.append((sw, ("finished", pipe.slot, pipe.gen, pipe.done_receivers,
                                  pipe.lost_receivers)))
-                outcome = "ok" if not pipe.lost_receivers else "ok, some receivers left"
+                if pipe.lost_receivers:
+                    outcome, category = "ok, some receivers left", "ok_some_receivers_left"
+                else:
+                    outcome, category = "ok", "ok"
             else:
                 outcome = "aborted: " + pipe.abort_reason
+                category = ("worker_died" if "worker died" in pipe.abort_reason else
+                            "shutdown" if "shut down" in pipe.abort_reason else "sender_lost")
         if outcome.startswith("aborted"):
             self.transfers_aborted += 1
         else:
             self.transfers_done += 1
+        self.outcomes[category] = self.outcomes.get(category, 0) + 1
         del self.transfers[(pipe.slot, pipe.gen)]
         if self.pipes.get(pipe.path) is pipe:
             del self.pipes[pipe.path]
@@ -261,12 +266,12 @@ class Registry:
         by_worker: dict[int, int] = {}
         for w, _ in pipe.receivers:
             by_worker[w] = by_worker.get(w, 0) + 1
-        spread = ",".join(f"w{w}:{c}" for w, c in sorted(by_worker.items()))
-        self.log(f"transfer path={pipe.path.decode('latin-1')!r} n={pipe.n} "
-                 f"bytes={pipe.body_bytes} seconds={time.monotonic() - pipe.started:.3f} "
-                 f"transmit={pipe.transmit} receivers_done={pipe.done_receivers} "
-                 f"receivers_lost={pipe.lost_receivers} sender=w{pipe.sender[0]} "
-                 f"workers={spread} outcome={outcome}")
+        logs.event("transfer", path=pipe.path, n=pipe.n, bytes=pipe.body_bytes,
+                   seconds=f"{time.monotonic() - pipe.started:.3f}", transmit=pipe.transmit,
+                   receivers_done=pipe.done_receivers, receivers_lost=pipe.lost_receivers,
+                   sender=f"w{pipe.sender[0]}",
+                   workers=",".join(f"w{w}:{c}" for w, c in sorted(by_worker.items())),
+                   outcome=outcome)
 
     def released(self, worker: int, slot: int, gen: int) -> None:
         self.slots.release(worker, slot, gen)

@@ -39,11 +39,20 @@ NONE = (1 << 64) - 1             # cursor of a worker that has no receiver of th
 IDLE, STREAMING, DONE, ABORTED = 0, 1, 2, 3
 STATE_NAMES = {IDLE: "idle", STREAMING: "streaming", DONE: "done", ABORTED: "aborted"}
 
-# stats lines (u64 index within a worker's block); one writer each: worker i or supervisor
+# Stats blocks (STATS_U64 u64 each): one per worker index, written only by that worker, and
+# one for the supervisor. Counters are kept locally and published about once a second.
+STATS_U64 = 4 * LINE_U64
 STAT_PID, STAT_CONNECTIONS, STAT_SENDERS, STAT_RECEIVERS, STAT_BYTES_IN, STAT_BYTES_OUT, \
-    STAT_HEARTBEAT, STAT_PIPES_ACTIVE = range(8)
+    STAT_HEARTBEAT, STAT_PIPES_ACTIVE, STAT_RECEIVERS_STREAMING, STAT_SENDERS_STREAMING, \
+    STAT_MAX_LAG = range(11)
+STAT_REJECTED0 = 16              # then one counter per status in REJECTION_STATUSES
+REJECTION_STATUSES = (400, 401, 403, 404, 405, 408, 409, 413, 414, 417, 429, 431, 501, 503,
+                      505, 0)    # 0: any other status
 SUP_PIPES_WAITING, SUP_PIPES_STREAMING, SUP_SLOTS_IN_USE, SUP_WORKERS_ALIVE, SUP_RESTARTS, \
     SUP_STARTED_AT, SUP_TRANSFERS_DONE, SUP_TRANSFERS_ABORTED = range(8)
+SUP_OUTCOME0 = 8                 # then one counter per outcome in TRANSFER_OUTCOMES
+TRANSFER_OUTCOMES = ("ok", "ok_some_receivers_left", "sender_lost", "receivers_left",
+                     "worker_died", "shutdown")
 
 _fence_lock = threading.Lock()
 
@@ -68,8 +77,7 @@ class Arena:
         self.worker_slots = worker_slots
         self.fd = -1
         self.mm = None
-        stats_lines = worker_slots + 1
-        self.stats_bytes = _round_up(stats_lines * 64, PAGE)
+        self.stats_bytes = _round_up((worker_slots + 1) * STATS_U64 * 8, PAGE)
         self.slot_lines = 1 + worker_slots
         self.table_bytes = _round_up(slots * self.slot_lines * 64, PAGE)
         self.rings_base = self.stats_bytes + self.table_bytes
@@ -83,10 +91,10 @@ class Arena:
 
     # -- field addresses (u64 indexes) ---------------------------------------------------
     def stat_index(self, worker: int, field: int) -> int:
-        return worker * LINE_U64 + field
+        return worker * STATS_U64 + field
 
     def sup_index(self, field: int) -> int:
-        return self.worker_slots * LINE_U64 + field
+        return self.worker_slots * STATS_U64 + field
 
     def slot_index(self, slot: int) -> int:
         """u64 index of the slot's first line: gen, tail, state, wake_at, producer."""

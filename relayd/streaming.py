@@ -65,6 +65,7 @@ class SenderStream:
         self.chunked = conn.chunked
         self.remaining = 0 if conn.chunked else (conn.content_length or 0)
         self.body_bytes = 0
+        self.counted = 0                # body bytes already added to the worker's stats
         self.pieces: list[bytes] = []
         self.message_done = False
         self.progress_at = worker.loop.time()
@@ -217,7 +218,7 @@ class SenderStream:
         if self.tail == self.published:
             return
         a, f = self.arena, self.f
-        self.worker.stats.bytes_in += self.tail - self.published
+        self._count_body()
         self.published = self.tail
         a.store(f.tail, self.tail)
         ring.fence()
@@ -225,8 +226,13 @@ class SenderStream:
             if a.load(f.waiting(w)):
                 self.worker.kick(w)
 
+    def _count_body(self) -> None:
+        self.worker.stats.bytes_in += self.body_bytes - self.counted
+        self.counted = self.body_bytes
+
     def _finish_state(self, state: int) -> None:
         a, f = self.arena, self.f
+        self._count_body()
         a.store(f.tail, self.tail)
         self.published = self.tail
         a.store(f.state, state)
@@ -529,5 +535,8 @@ class ReceiverGroup:
         if lowest == ring.NONE:
             self.worker.drop_group(self)
 
-    def cursor_floor(self) -> int:
-        return self.published
+    def max_lag(self) -> int:
+        """Bytes the slowest receiver here is behind the producer (for /metrics)."""
+        if not self.receivers:
+            return 0
+        return max(0, self.arena.load(self.f.tail) - min(r.cursor for r in self.receivers))

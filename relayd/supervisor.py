@@ -23,7 +23,7 @@ import sys
 import time
 import traceback
 
-from relayd import __version__, ring, systemd
+from relayd import __version__, logs, ring, systemd
 from relayd.config import Config
 from relayd.rendezvous import Registry
 from relayd.worker import EXIT_BOOT_FAILURE, Worker
@@ -50,8 +50,7 @@ class WorkerHandle:
         self.killed = False
 
 
-def log(message: str) -> None:
-    print(f"relayd: {message}", file=sys.stderr, flush=True)
+log = logs.message
 
 
 class Supervisor:
@@ -72,6 +71,11 @@ class Supervisor:
         self.respawn_at = 0.0
         self.registry: Registry | None = None
         self.exit_code = 0
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        pid = os.environ.get("WATCHDOG_PID", "")
+        self.watchdog_s = (int(usec) / 1e6 if usec.isdigit() and (not pid or pid == str(self.pid))
+                           else 0.0)
+        self.watchdog_next = 0.0
 
     # -- setup -----------------------------------------------------------------------------
     def reserve_port(self) -> None:
@@ -97,6 +101,7 @@ class Supervisor:
             raise StartupError(f"cannot reserve {self.config.host}:{self.port}: {e.strerror}")
 
     def setup(self) -> None:
+        logs.configure(self.config.log_format)
         if platform.machine() not in ("x86_64", "AMD64"):
             raise StartupError("relayd's shared-memory ordering relies on x86-64 (TSO); "
                                f"this machine is {platform.machine()}")
@@ -116,7 +121,7 @@ class Supervisor:
         self.eventfds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                          for _ in range(c.worker_slots)]
         self.arena.store(self.arena.sup_index(ring.SUP_STARTED_AT), int(time.time()))
-        self.registry = Registry(c, self.arena, self.kick, log)
+        self.registry = Registry(c, self.arena, self.kick)
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wakeup_r = rfd
         signal.set_wakeup_fd(wfd)
@@ -150,6 +155,7 @@ class Supervisor:
             self.send_all(self.registry.expire(now))
             self.publish_stats()
             self.check_heartbeats()
+            self.feed_watchdog()
             if self.stopping:
                 if not self.workers:
                     break
@@ -167,6 +173,8 @@ class Supervisor:
 
     def next_timeout(self) -> float:
         deadlines = [1.0]
+        if self.watchdog_s:
+            deadlines.append(self.watchdog_next - time.monotonic())
         expiry = self.registry.next_expiry()
         if expiry is not None:
             deadlines.append(expiry - time.monotonic() + 0.01)
@@ -235,6 +243,14 @@ class Supervisor:
             quick = time.monotonic() - handle.spawned < QUICK_DEATH_S
             self.backoff_s = min(RESPAWN_BACKOFF_MAX_S, self.backoff_s * 2 or 0.1) if quick else 0
             self.respawn_at = time.monotonic() + self.backoff_s
+
+    def feed_watchdog(self) -> None:
+        """WATCHDOG=1 to systemd (WatchdogSec=) at half its interval, while workers beat."""
+        if not self.watchdog_s or time.monotonic() < self.watchdog_next:
+            return
+        self.watchdog_next = time.monotonic() + self.watchdog_s / 2
+        if self.announced and self.workers:
+            systemd.notify("WATCHDOG=1")
 
     def check_heartbeats(self) -> None:
         """A stopped or hung worker still gets its share of new connections (measured):
@@ -360,6 +376,8 @@ class Supervisor:
         a.store(a.sup_index(ring.SUP_WORKERS_ALIVE), len(self.workers))
         a.store(a.sup_index(ring.SUP_TRANSFERS_DONE), r.transfers_done)
         a.store(a.sup_index(ring.SUP_TRANSFERS_ABORTED), r.transfers_aborted)
+        for i, outcome in enumerate(ring.TRANSFER_OUTCOMES):
+            a.store(a.sup_index(ring.SUP_OUTCOME0 + i), r.outcomes.get(outcome, 0))
 
     def announce(self) -> None:
         c = self.config

@@ -23,7 +23,7 @@ import time
 
 import uvloop
 
-from relayd import __version__, ring
+from relayd import __version__, logs, ring
 from relayd.config import Config
 from relayd.protocol import Connection, HttpError, simple_response
 from relayd.streaming import ReceiverGroup, SenderStream
@@ -168,7 +168,7 @@ class Worker:
     def on_accept(self, batch: int = ACCEPT_BATCH) -> None:
         for _ in range(batch):
             try:
-                sock, _ = self.listener.accept()
+                sock, peer = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -189,7 +189,7 @@ class Worker:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn_id = self.next_conn_id
             self.next_conn_id += 1
-            self.conns[conn_id] = Connection(self, sock, conn_id)
+            self.conns[conn_id] = Connection(self, sock, conn_id, f"{peer[0]}:{peer[1]}")
 
     def forget(self, conn: Connection) -> None:
         self.conns.pop(conn.id, None)
@@ -215,6 +215,7 @@ class Worker:
         a = self.arena
         a.store(a.stat_index(self.index, ring.STAT_SENDERS), self.stats.senders)
         a.store(a.stat_index(self.index, ring.STAT_RECEIVERS), self.stats.receivers)
+        self.access(conn, 200, conn.role)
         self.report("join", conn.id, conn.role, conn.path, conn.n, info)
 
     def connection_lost(self, conn: Connection) -> None:
@@ -369,8 +370,18 @@ class Worker:
             stream.on_kick()
 
     # -- observability ---------------------------------------------------------------------
-    def count_rejection(self, status: int) -> None:
+    def count_rejection(self, conn: Connection, status: int, reason: str) -> None:
+        """Every refused request: counted for /metrics and logged once."""
+        logs.event("rejected", status=status, method=conn.method, path=conn.url[:200],
+                   peer=conn.peer, worker=self.index, reason=reason)
+        if status not in ring.REJECTION_STATUSES:
+            status = 0
         self.rejections[status] = self.rejections.get(status, 0) + 1
+
+    def access(self, conn: Connection, status: int, role: str = "") -> None:
+        if self.config.access_log:
+            logs.event("request", method=conn.method, path=conn.url[:200], status=status,
+                       peer=conn.peer, worker=self.index, role=role or "-")
 
     def publish_stats(self, reschedule: bool = True) -> None:
         a, i, s = self.arena, self.index, self.stats
@@ -381,6 +392,13 @@ class Worker:
         a.store(a.stat_index(i, ring.STAT_BYTES_OUT), s.bytes_out)
         a.store(a.stat_index(i, ring.STAT_HEARTBEAT), int(time.time()))
         a.store(a.stat_index(i, ring.STAT_PIPES_ACTIVE), len(self.senders) + len(self.groups))
+        a.store(a.stat_index(i, ring.STAT_SENDERS_STREAMING), len(self.senders))
+        a.store(a.stat_index(i, ring.STAT_RECEIVERS_STREAMING),
+                sum(len(g.receivers) for g in self.groups.values()))
+        a.store(a.stat_index(i, ring.STAT_MAX_LAG),
+                max((g.max_lag() for g in self.groups.values()), default=0))
+        for k, status in enumerate(ring.REJECTION_STATUSES):
+            a.store(a.stat_index(i, ring.STAT_REJECTED0 + k), self.rejections.get(status, 0))
         if reschedule:
             self.check_timeouts()
             self.loop.call_later(STATS_INTERVAL_S, self.publish_stats)

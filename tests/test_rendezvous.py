@@ -22,13 +22,17 @@ SENDER_INFO = {"content_type": b"application/octet-stream", "headers": [], "leng
 class Recorder:
     def __init__(self):
         self.kicks: list[int] = []
-        self.lines: list[str] = []
+        self._lines: list[str] = []
+        self.capsys = None
 
     def kick(self, worker: int) -> None:
         self.kicks.append(worker)
 
-    def log(self, line: str) -> None:
-        self.lines.append(line)
+    @property
+    def lines(self) -> list[str]:
+        """The registry's log lines (it writes them to stderr through relayd.logs)."""
+        self._lines += [ln for ln in self.capsys.readouterr().err.splitlines() if ln]
+        return self._lines
 
 
 @pytest.fixture
@@ -39,13 +43,15 @@ def arena():
 
 
 @pytest.fixture
-def rec() -> Recorder:
-    return Recorder()
+def rec(capsys) -> Recorder:
+    r = Recorder()
+    r.capsys = capsys
+    return r
 
 
 def make_registry(arena, rec, **config) -> Registry:
     config.setdefault("workers", 1)          # worker_slots = 2, as the arena
-    return Registry(Config(**config), arena, rec.kick, rec.log)
+    return Registry(Config(**config), arena, rec.kick)
 
 
 @pytest.fixture
