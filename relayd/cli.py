@@ -7,7 +7,8 @@ import sys
 import tomllib
 
 from relayd import __version__
-from relayd.config import LOG_FORMATS, TRANSMIT_MODES, Config, ConfigError, default_workers
+from relayd.config import (LOG_FORMATS, SLOW_POLICIES, TRANSMIT_MODES, Config, ConfigError,
+                           default_workers)
 
 
 SUBCOMMANDS = {
@@ -63,6 +64,14 @@ OPTIONS = [
     ("--secret-file", "secret_file", str,
      "keys and tokens (0600 file): when given, every pipe request needs a signed URL or a "
      "bearer token; see `relayd sign --help`"),
+    ("--spill-dir", "spill_dir", str,
+     "where lag beyond the window spills (files are unlinked at once, mode 0600)"),
+    ("--spill-limit", "spill_limit", size,
+     "bytes the slowest receiver of a pipe may lag through the spill file; 0 turns spill off"),
+    ("--spill-budget", "spill_budget", size, "spill bytes for all pipes together"),
+    ("--slow", "slow", str, "past the spill limit: block (hold the producer, lossless) or "
+                            "drop (cut the slowest; it sees a short body); a sender may choose "
+                            "per pipe with ?slow=block|drop"),
     ("--log-format", "log_format", str, "text or json lines on stderr"),
     ("--access-log", "access_log", bool, "one line per request (off by default)"),
 ]
@@ -105,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, choices=TRANSMIT_MODES, default=None, help=text)
         elif field == "log_format":
             p.add_argument(flag, choices=LOG_FORMATS, default=None, help=text)
+        elif field == "slow":
+            p.add_argument(flag, choices=SLOW_POLICIES, default=None, help=text)
         else:
             p.add_argument(flag, type=kind, default=None, help=text)
     return p

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 
 TRANSMIT_MODES = ("auto", "copy", "sendfile")
+SLOW_POLICIES = ("block", "drop")
 LOG_FORMATS = ("text", "json")
 PUNCH_BLOCK_BYTES = 256 * 1024          # B: the unit in which ring pages are punched
 MAX_RECEIVERS = 256
@@ -50,6 +52,13 @@ class Config:
     sender_idle_timeout_s: float = 300.0
     worker_timeout_s: float = 30.0           # no heartbeat for this long: kill and replace
     secret_file: str | None = None           # access control off unless given (relayd/auth.py)
+    # Spill (relayd/spill.py): lag beyond the window goes to an unlinked file per pipe.
+    spill_dir: str = dataclasses.field(default_factory=tempfile.gettempdir)
+    spill_limit: int = 1 << 30               # per pipe: bytes the slowest may lag; 0 = no spill
+    spill_budget: int = 8 << 30              # all pipes of the daemon (split evenly by worker)
+    # Past the limit: block holds the producer (lossless, the default: nothing is lost, and a
+    # 1 GiB lag is pathological for token streams); drop cuts the slowest (a short body).
+    slow: str = "block"
     log_format: str = "text"
     access_log: bool = False
 
@@ -76,6 +85,12 @@ class Config:
             raise ConfigError(f"--max-transfers {self.max_transfers}: must be 1..65536")
         if self.max_pipes < 1:
             raise ConfigError(f"--max-pipes {self.max_pipes}: must be at least 1")
+        if self.slow not in SLOW_POLICIES:
+            raise ConfigError(f"--slow {self.slow}: must be block or drop")
+        if self.spill_limit < 0 or self.spill_budget < 0:
+            raise ConfigError("--spill-limit and --spill-budget must be >= 0")
+        if self.spill_limit and not os.path.isdir(self.spill_dir):
+            raise ConfigError(f"--spill-dir {self.spill_dir}: not a directory")
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"--log-format {self.log_format}: must be text or json")
         if self.transmit not in TRANSMIT_MODES:

@@ -76,6 +76,9 @@ class ArenaCollector:
         yield per_worker("relayd_receiver_lag_max_bytes",
                          "Bytes the slowest streaming receiver is behind its producer",
                          ring.STAT_MAX_LAG)
+        yield per_worker("relayd_spill_bytes",
+                         "Bytes this worker's pipes keep in spill files (the lag beyond the "
+                         "window)", ring.STAT_SPILL_BYTES)
         yield per_worker("relayd_senders_joined", "Senders that joined a pipe",
                          ring.STAT_SENDERS, CounterMetricFamily)
         yield per_worker("relayd_receivers_joined", "Receivers that joined a pipe",

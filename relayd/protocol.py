@@ -82,6 +82,16 @@ def parse_n(query: bytes | None) -> int:
     return int(v)
 
 
+def parse_slow(query: bytes | None) -> str | None:
+    """A sender's policy for receivers beyond the spill limit: ?slow=block|drop."""
+    if not query or b"slow=" not in query:
+        return None
+    values = [v for k, v in urllib.parse.parse_qsl(query.decode("latin-1")) if k == "slow"]
+    if len(values) != 1 or values[0] not in ("block", "drop"):
+        raise HttpError(400, "slow must be given once, as block or drop")
+    return values[0]
+
+
 class Connection:
     """An accepted socket, from request head to close."""
 
@@ -124,6 +134,7 @@ class Connection:
         self.chunked = False
         self.keep_alive = True
         self.pending_body: list[bytes] = []   # sender body bytes read with the head
+        self.slow: str | None = None          # the sender's ?slow=block|drop
         self.head_sent = False
 
     # -- transport callbacks ---------------------------------------------------------------
@@ -265,6 +276,7 @@ class Connection:
             if any(k == b"upgrade" for k, _ in headers):
                 raise HttpError(400, "a sender cannot ask for a protocol upgrade")
             self.role = "sender"
+            self.slow = parse_slow(parsed.query)
             info = self.receiver_headers()
         self.phase = self.JOINING
         self.worker.join_pipe(self, info)

@@ -38,9 +38,13 @@ class SlotTable:
         a.store(f.tail, 0)
         a.store(f.wake_at, 0)
         a.store(f.producer, producer)
+        for field in (f.spill_active, f.spill_start, f.spill_fd, f.spill_pid, f.file_wake_at,
+                      f.drop_below):
+            a.store(field, 0)
         for w in range(a.worker_slots):
             a.store(f.cursor(w), 0 if w in receiver_workers else ring.NONE)
             a.store(f.waiting(w), 0)
+            a.store(f.file_cursor(w), ring.NONE)
         a.store(f.state, ring.STREAMING)
         self.holders[slot] = {producer} | receiver_workers
         return slot, gen
@@ -293,6 +297,7 @@ class Registry:
             mine = [c for w, c in pipe.receivers if w == worker and (w, c) not in pipe.resolved]
             if mine:
                 self.arena.store(f.cursor(worker), ring.NONE)
+                self.arena.store(f.file_cursor(worker), ring.NONE)
                 self.kick(pipe.sender[0])
             for conn in mine:
                 out += self.receiver_ended(worker, slot, gen, conn, ok=False)

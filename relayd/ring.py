@@ -44,7 +44,7 @@ STATE_NAMES = {IDLE: "idle", STREAMING: "streaming", DONE: "done", ABORTED: "abo
 STATS_U64 = 4 * LINE_U64
 STAT_PID, STAT_CONNECTIONS, STAT_SENDERS, STAT_RECEIVERS, STAT_BYTES_IN, STAT_BYTES_OUT, \
     STAT_HEARTBEAT, STAT_PIPES_ACTIVE, STAT_RECEIVERS_STREAMING, STAT_SENDERS_STREAMING, \
-    STAT_MAX_LAG = range(11)
+    STAT_MAX_LAG, STAT_SPILL_BYTES = range(12)
 STAT_REJECTED0 = 16              # then one counter per status in REJECTION_STATUSES
 REJECTION_STATUSES = (400, 401, 403, 404, 405, 408, 409, 413, 414, 417, 429, 431, 501, 503,
                       505, 0)    # 0: any other status
@@ -78,7 +78,7 @@ class Arena:
         self.fd = -1
         self.mm = None
         self.stats_bytes = _round_up((worker_slots + 1) * STATS_U64 * 8, PAGE)
-        self.slot_lines = 1 + worker_slots
+        self.slot_lines = 2 + worker_slots
         self.table_bytes = _round_up(slots * self.slot_lines * 64, PAGE)
         self.rings_base = self.stats_bytes + self.table_bytes
         self.size = self.rings_base + slots * capacity
@@ -146,9 +146,18 @@ class Arena:
 
 
 class SlotFields:
-    """u64 indexes of one slot's fields, computed once per transfer."""
+    """u64 indexes of one slot's fields, computed once per transfer.
 
-    __slots__ = ("slot", "gen", "tail", "state", "wake_at", "producer", "_cursor0")
+    Line 0: gen, tail, state, wake_at, producer.
+    Line 1, the spill (writer: the producer's worker): spill_active, spill_start (first
+    position in the file), spill_fd and spill_pid (the file is reopened through
+    /proc/<pid>/fd/<fd>), file_wake_at, drop_below (file readers below it are cut).
+    Line 2 + i, worker i's: cursor (ring readers), waiting, file_cursor (spill readers).
+    """
+
+    __slots__ = ("slot", "gen", "tail", "state", "wake_at", "producer", "spill_active",
+                 "spill_start", "spill_fd", "spill_pid", "file_wake_at", "drop_below",
+                 "_cursor0")
 
     def __init__(self, arena: Arena, slot: int):
         base = arena.slot_index(slot)
@@ -158,10 +167,20 @@ class SlotFields:
         self.state = base + 2
         self.wake_at = base + 3
         self.producer = base + 4
-        self._cursor0 = base + LINE_U64
+        spill = base + LINE_U64
+        self.spill_active = spill
+        self.spill_start = spill + 1
+        self.spill_fd = spill + 2
+        self.spill_pid = spill + 3
+        self.file_wake_at = spill + 4
+        self.drop_below = spill + 5
+        self._cursor0 = base + 2 * LINE_U64
 
     def cursor(self, worker: int) -> int:
         return self._cursor0 + worker * LINE_U64
 
     def waiting(self, worker: int) -> int:
         return self._cursor0 + worker * LINE_U64 + 1
+
+    def file_cursor(self, worker: int) -> int:
+        return self._cursor0 + worker * LINE_U64 + 2

@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from relayd import ring
+from relayd import logs, ring, spill
 from relayd.protocol import response_head
+from relayd.spill import SpillFile
 
 if TYPE_CHECKING:
     from relayd.protocol import Connection
@@ -38,6 +39,7 @@ CHUNK_READ = 128 * 1024           # one recv of a chunked body (becomes at most 
 FRAME_OVERHEAD = 12               # b"%08x\r\n" + b"\r\n"
 TERMINATOR = b"0\r\n\r\n"
 MIN_SPACE = 4096                  # below this free ring space the producer sleeps
+NO_LIMIT = 1 << 62
 
 
 class SenderStream:
@@ -69,6 +71,14 @@ class SenderStream:
         self.pieces: list[bytes] = []
         self.message_done = False
         self.progress_at = worker.loop.time()
+        # Spill (spill.py): lag beyond the window goes to a file once the window is full.
+        c = worker.config
+        self.slow = conn.slow or c.slow
+        self.spill: SpillFile | None = None
+        self.spill_limit = c.spill_limit
+        self.spill_failed = c.spill_limit == 0
+        self.file_limit = NO_LIMIT       # cached: lowest file cursor + spill limit (block)
+        self.spill_consumed = 0          # every reader is past this position
 
     # -- start -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -136,6 +146,9 @@ class SenderStream:
                 if self.message_done:
                     self.end()
             else:
+                if self.spill is not None:
+                    self.spill.write(self.tail, self.arena.view[self.base + off:
+                                                                self.base + off + got])
                 self.tail += got
                 self.body_bytes += got
                 self.remaining -= got
@@ -143,9 +156,15 @@ class SenderStream:
                     self.end()
         self.publish()
 
-    def _write_raw(self, data: bytes) -> None:
+    def _store(self, data) -> None:
+        """Bytes at tail: into the ring and, once spilling, the spill file too."""
         self.arena.write(self.slot, self.tail, data)
+        if self.spill is not None:
+            self.spill.write(self.tail, data)
         self.tail += len(data)
+
+    def _write_raw(self, data: bytes) -> None:
+        self._store(data)
         self.body_bytes += len(data)
         self.remaining -= len(data)
 
@@ -154,23 +173,28 @@ class SenderStream:
             return
         size = sum(map(len, self.pieces))
         if size:
-            frame = b"".join([b"%08x\r\n" % size, *self.pieces, b"\r\n"])
-            self.arena.write(self.slot, self.tail, frame)
-            self.tail += len(frame)
+            self._store(b"".join([b"%08x\r\n" % size, *self.pieces, b"\r\n"]))
             self.body_bytes += size
         self.pieces = []
 
     # -- space -----------------------------------------------------------------------------
     def writable(self, need: int) -> int:
-        """Bytes writable at tail now; the lowest cursor is re-read only when the cache says
-        fewer than `need` (Disruptor style: W loads, not one per receiver)."""
-        space = min(self.limit, self.punched_end) - self.tail
+        """Bytes writable at tail now; the cursors are re-read only when the cached limits
+        say fewer than `need` (Disruptor style: W loads, not one per receiver)."""
+        space = min(self.limit, self.punched_end, self.file_limit) - self.tail
         if space >= need:
             return space
+        self._refresh_limits()
+        space = min(self.limit, self.punched_end, self.file_limit) - self.tail
+        if space < need and self.spill is None and not self.spill_failed:
+            self._start_spill()         # laggards move to the file; the ring's cursors rise
+        return space
+
+    def _refresh_limits(self) -> None:
         a, f = self.arena, self.f
         lowest = min(a.load(f.cursor(w)) for w in self.receiver_workers)
         if lowest == ring.NONE:
-            lowest = self.tail          # nobody left to protect; the supervisor will say so
+            lowest = self.tail          # no ring reader left to protect
         self.limit = lowest + self.capacity
         if not self.sendfile:
             self.punched_end = self.limit
@@ -179,16 +203,75 @@ class SenderStream:
             while self.punched_end + self.block <= self.limit:
                 self.arena.punch(self.slot, self.punched_end & self.arena.mask, self.block)
                 self.punched_end += self.block
-        return min(self.limit, self.punched_end) - self.tail
+        if self.spill is not None:
+            self._refresh_file_limit(lowest)
+
+    def _refresh_file_limit(self, ring_lowest: int) -> None:
+        a, f = self.arena, self.f
+        file_lowest = min(a.load(f.file_cursor(w)) for w in self.receiver_workers)
+        self.spill_consumed = min(ring_lowest, file_lowest)
+        self.spill.release_below(self.spill_consumed)
+        if file_lowest == ring.NONE:
+            self.file_limit = NO_LIMIT
+            return
+        limit = self.spill_limit
+        if self.worker.spill_in_use() > self.worker.spill_share:
+            limit = min(limit, self.tail - file_lowest)     # over budget: do not grow
+        self.file_limit = file_lowest + limit
+        if self.slow == "drop" and self.tail - file_lowest >= limit:
+            # Cut the slowest (every file reader at the lowest position); the producer waits
+            # only until their workers have done it, so nobody else lags past the limit.
+            a.store(f.drop_below, file_lowest + 1)
+            ring.fence()
+            for w in self.receiver_workers:
+                self.worker.kick(w)
+
+    def spill_bytes(self) -> int:
+        return self.tail - self.spill_consumed if self.spill is not None else 0
+
+    def _start_spill(self) -> None:
+        """The window is full: copy the ring from the lowest cursor into a new spill file and
+        tell the receivers' workers, which move their laggards onto it."""
+        if self.worker.spill_in_use() >= self.worker.spill_share:
+            return
+        a, f = self.arena, self.f
+        start = self.limit - self.capacity          # lowest ring cursor, just refreshed
+        try:
+            self.spill = SpillFile(self.worker.config.spill_dir, start)
+            position = start
+            while position < self.tail:
+                off = position & self.arena.mask
+                span = min(self.tail - position, self.capacity - off)
+                self.spill.write(position, a.view[self.base + off:self.base + off + span])
+                position += span
+        except OSError as e:
+            logs.message(f"spill unavailable for {self.conn.path!r}: {e.strerror}; "
+                         "the slowest receiver holds the producer")
+            if self.spill is not None:
+                self.spill.close()
+                self.spill = None
+            self.spill_failed = True
+            return
+        self.spill_consumed = start
+        a.store(f.spill_start, start)
+        a.store(f.spill_fd, self.spill.fd)
+        a.store(f.spill_pid, os.getpid())
+        a.store(f.spill_active, 1)
+        ring.fence()
+        for w in self.receiver_workers:
+            self.worker.kick(w)
 
     def pause(self) -> None:
         """Stop reading (TCP holds the sender) until a quarter of the window is free."""
         a, f = self.arena, self.f
         wake_at = self.tail + self.wake_space - self.capacity + (self.block if self.sendfile else 0)
         a.store(f.wake_at, max(1, wake_at))
+        if self.spill is not None:
+            a.store(f.file_wake_at, max(1, self.tail + self.wake_space - self.spill_limit))
         ring.fence()
         if self.writable(self.wake_space) >= self.wake_space:
             a.store(f.wake_at, 0)
+            a.store(f.file_wake_at, 0)
             return                     # the cursors moved meanwhile; the caller reads on
         if not self.paused:
             self.paused = True
@@ -204,6 +287,7 @@ class SenderStream:
             if self.paused:
                 return
         a.store(f.wake_at, 0)
+        a.store(f.file_wake_at, 0)
         self.paused = False
         self.progress_at = self.worker.loop.time()   # backpressure was ours, not its idleness
         self.worker.loop.add_reader(self.conn.fd, self.on_readable)
@@ -246,8 +330,7 @@ class SenderStream:
             return
         self.ended = True
         if self.chunked:
-            self.arena.write(self.slot, self.tail, TERMINATOR)
-            self.tail += len(TERMINATOR)
+            self._store(TERMINATOR)
         self._finish_state(ring.DONE)
         self.worker.loop.remove_reader(self.conn.fd)
         self.worker.report("body_ended", self.slot, self.gen, self.body_bytes)
@@ -283,13 +366,15 @@ class SenderStream:
         self.close()
 
     def close(self) -> None:
+        if self.spill is not None:       # readers elsewhere keep their own descriptors
+            self.spill.close()
         self.worker.drop_sender(self)
         self.conn.close_after_progress()
 
 
 class Receiver:
     __slots__ = ("conn", "sock", "fd", "cursor", "blocked", "head", "deframe", "frame_left",
-                 "skip", "progress_at", "outq")
+                 "skip", "progress_at", "outq", "in_file")
 
     def __init__(self, conn: "Connection", head: bytes, deframe: bool):
         self.conn = conn
@@ -303,6 +388,7 @@ class Receiver:
         self.skip = 0
         self.progress_at = conn.loop.time()
         self.outq = -1
+        self.in_file = False            # lagging: sent from the spill file from now on
 
 
 class ReceiverGroup:
@@ -323,8 +409,14 @@ class ReceiverGroup:
         self.me = worker.index
         self.receivers: list[Receiver] = []
         self.published = 0
+        self.published_file = ring.NONE
         self.waiting = False
         self.last_kicked_wake = 0
+        self.last_kicked_file_wake = 0
+        self.spill_fd = -1              # our own descriptor of the pipe's spill file
+        self.spill_start = 0
+        # A receiver this far behind moves to the spill file (half the usable window).
+        self.switch_lag = (a.capacity - worker.config.punch_block) // 2
         self.rotate = 0
         self.producer = a.load(self.f.producer)
 
@@ -366,6 +458,8 @@ class ReceiverGroup:
             state = a.load(f.state)         # state before tail: DONE implies the final tail
             tail = a.load(f.tail)
             recvs = self.receivers
+            if self.spill_fd != -2 and a.load(f.spill_active):
+                self._use_spill(tail)
             count = len(recvs)
             if count:
                 first = self.rotate % count
@@ -373,6 +467,8 @@ class ReceiverGroup:
                 for r in recvs[first:] + recvs[:first]:
                     if not r.blocked:
                         self._send(r, tail)
+                if self.spill_fd >= 0:
+                    self._drop_slowest()
                 for r in [r for r in recvs if not r.blocked and r.cursor == tail]:
                     if state != ring.STREAMING:
                         self._finish(r, ok=state == ring.DONE)
@@ -397,6 +493,31 @@ class ReceiverGroup:
             if a.load(f.tail) == tail and a.load(f.state) == state:
                 return
 
+    def _use_spill(self, tail: int) -> None:
+        """The producer spills: open the file once, move laggards onto it, cut receivers
+        below drop_below (policy drop)."""
+        a, f = self.arena, self.f
+        if self.spill_fd == -1:
+            try:
+                self.spill_fd = spill.reopen(a.load(f.spill_pid), a.load(f.spill_fd))
+            except OSError:
+                self.spill_fd = -2      # gone (the producer ended): stay on the ring
+                return
+            self.spill_start = a.load(f.spill_start)
+        for r in self.receivers:
+            if (not r.in_file and not r.deframe and tail - r.cursor > self.switch_lag
+                    and r.cursor >= self.spill_start):
+                r.in_file = True
+
+    def _drop_slowest(self) -> None:
+        """Policy drop: the producer marked the slowest position past the spill limit. Cut
+        file readers there whose socket is full: one merely not yet served this pass is not
+        slow, it only waited for its turn."""
+        drop_below = self.arena.load(self.f.drop_below)
+        for r in [r for r in self.receivers
+                  if r.in_file and r.blocked and r.cursor < drop_below]:
+            self._finish(r, ok=False)
+
     def _send(self, r: Receiver, tail: int) -> None:
         try:
             if r.head:
@@ -407,6 +528,16 @@ class ReceiverGroup:
                     return
             if r.deframe:
                 self._send_deframed(r, tail)
+                return
+            if r.in_file:
+                while r.cursor < tail:
+                    span = tail - r.cursor
+                    sent = os.sendfile(r.fd, self.spill_fd, r.cursor, span)
+                    r.cursor += sent
+                    self.worker.stats.bytes_out += sent
+                    if sent < span:
+                        self._block(r)
+                        return
                 return
             a = self.arena
             while r.cursor < tail:
@@ -521,18 +652,30 @@ class ReceiverGroup:
         self.worker.report("receiver_ended", self.slot, self.gen, r.conn.id, ok)
 
     def _publish(self) -> None:
+        """Publish this worker's lowest ring cursor and lowest spill-file cursor; kick the
+        producer if it sleeps on a mark one of them crossed."""
         a, f = self.arena, self.f
-        lowest = min((r.cursor for r in self.receivers), default=ring.NONE)
-        if lowest == self.published:
+        lowest = min((r.cursor for r in self.receivers if not r.in_file), default=ring.NONE)
+        lowest_file = min((r.cursor for r in self.receivers if r.in_file), default=ring.NONE)
+        if lowest == self.published and lowest_file == self.published_file:
             return
-        self.published = lowest
+        self.published, self.published_file = lowest, lowest_file
         a.store(f.cursor(self.me), lowest)
+        a.store(f.file_cursor(self.me), lowest_file)
         ring.fence()
         wake_at = a.load(f.wake_at)
         if wake_at and lowest >= wake_at and wake_at != self.last_kicked_wake:
             self.last_kicked_wake = wake_at
             self.worker.kick(self.producer)
-        if lowest == ring.NONE:
+        file_wake_at = a.load(f.file_wake_at)
+        if (file_wake_at and lowest_file >= file_wake_at
+                and file_wake_at != self.last_kicked_file_wake):
+            self.last_kicked_file_wake = file_wake_at
+            self.worker.kick(self.producer)
+        if lowest == ring.NONE and lowest_file == ring.NONE:
+            if self.spill_fd >= 0:
+                os.close(self.spill_fd)
+                self.spill_fd = -2
             self.worker.drop_group(self)
 
     def max_lag(self) -> int:

@@ -23,7 +23,7 @@ import sys
 import time
 import traceback
 
-from relayd import __version__, logs, ring, systemd
+from relayd import __version__, logs, ring, spill, systemd
 from relayd.config import Config
 from relayd.rendezvous import Registry
 from relayd.worker import EXIT_BOOT_FAILURE, Worker
@@ -116,6 +116,10 @@ class Supervisor:
                 Authorizer.from_file(c.secret_file)
             except (OSError, ValueError) as e:
                 raise StartupError(f"--secret-file {c.secret_file}: {e}") from None
+        if c.spill_limit:
+            removed = spill.sweep(c.spill_dir)
+            if removed:
+                log(f"removed {removed} spill file(s) left by a crash in {c.spill_dir}")
         self.reserve_port()
         self.arena = ring.Arena(c.max_transfers, c.window, c.worker_slots)
         self.eventfds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)

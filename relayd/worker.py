@@ -85,6 +85,8 @@ class Worker:
         self.draining = False
         self.started = time.time()
         self.auth = None
+        # Spill budget: the daemon's, split evenly between the workers.
+        self.spill_share = config.spill_budget // max(1, config.workers)
         if config.secret_file:
             from relayd.auth import Authorizer
             self.auth = Authorizer.from_file(config.secret_file)
@@ -345,6 +347,10 @@ class Worker:
         if stream is not None and stream.gen == gen:
             stream.receivers_gone(reason)
 
+    def spill_in_use(self) -> int:
+        """Spill bytes this worker's producers hold (the lag they keep on disk)."""
+        return sum(s.spill_bytes() for s in self.senders.values())
+
     def drop_sender(self, stream: SenderStream) -> None:
         if self.senders.get(stream.slot) is stream:
             del self.senders[stream.slot]
@@ -399,6 +405,7 @@ class Worker:
                 max((g.max_lag() for g in self.groups.values()), default=0))
         for k, status in enumerate(ring.REJECTION_STATUSES):
             a.store(a.stat_index(i, ring.STAT_REJECTED0 + k), self.rejections.get(status, 0))
+        a.store(a.stat_index(i, ring.STAT_SPILL_BYTES), self.spill_in_use())
         if reschedule:
             self.check_timeouts()
             self.loop.call_later(STATS_INTERVAL_S, self.publish_stats)
@@ -424,7 +431,9 @@ class Worker:
                 "index": i, "pid": pid, "connections": stat(ring.STAT_CONNECTIONS),
                 "senders": stat(ring.STAT_SENDERS), "receivers": stat(ring.STAT_RECEIVERS),
                 "bytes_in": stat(ring.STAT_BYTES_IN), "bytes_out": stat(ring.STAT_BYTES_OUT),
-                "active_transfers": stat(ring.STAT_PIPES_ACTIVE)})
+                "active_transfers": stat(ring.STAT_PIPES_ACTIVE),
+                "receiver_lag_max_bytes": stat(ring.STAT_MAX_LAG),
+                "spill_bytes": stat(ring.STAT_SPILL_BYTES)})
         sup = lambda field: a.load(a.sup_index(field))  # noqa: E731
         return {
             "status": "draining" if self.draining else "ok",

@@ -1,0 +1,186 @@
+"""Spill: lag beyond the window goes to a per-pipe file, so a slow receiver slows only itself."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from conftest import (curl_receiver, curl_sender, payload, sha256_file, wait_all, wait_for,
+                      waiting_count)
+
+WINDOW = 512 * 1024
+
+
+class ThrottledReader(threading.Thread):
+    """A raw-socket receiver with a small socket buffer reading `rate` bytes/s: its lag cannot
+    hide in kernel buffers, so it really lags. Collects the body (chunked framing removed)."""
+
+    def __init__(self, port: int, path: str, rate: int):
+        super().__init__(daemon=True)
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        self.sock.connect(("127.0.0.1", port))
+        self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        self.sock.settimeout(60)
+        self.rate = rate
+        self.raw = b""
+        self.finished_at = None
+        self.start()
+
+    def run(self):
+        sip = max(1024, self.rate // 50)
+        try:
+            while chunk := self.sock.recv(sip):
+                self.raw += chunk
+                time.sleep(len(chunk) / self.rate)
+        except OSError:
+            pass
+        self.finished_at = time.monotonic()
+
+    def body(self) -> tuple[bytes, bool]:
+        """(body bytes, whether the body is complete: its Content-Length reached, or the
+        chunked terminator seen)."""
+        head, _, rest = self.raw.partition(b"\r\n\r\n")
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                return rest, len(rest) == int(line.split(b":")[1])
+        out, i = [], 0
+        while True:
+            j = rest.find(b"\r\n", i)
+            if j < 0:
+                return b"".join(out), False
+            size = int(rest[i:j], 16)
+            if size == 0:
+                return b"".join(out), True
+            if len(rest) < j + 2 + size:
+                out.append(rest[j + 2:])
+                return b"".join(out), False
+            out.append(rest[j + 2:j + 2 + size])
+            i = j + 2 + size + 2
+
+
+def spill_fds(relay, spill_dir) -> list[str]:
+    """Descriptors any relayd process holds on files in spill_dir (unlinked ones included)."""
+    import psutil
+    found = []
+    for p in [psutil.Process(relay.proc.pid), *psutil.Process(relay.proc.pid).children()]:
+        for fd in os.listdir(f"/proc/{p.pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{p.pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(str(spill_dir)):
+                found.append(target)
+    return found
+
+
+def run_pipe(relay, tmp_path, size, fast=4, rate=2 << 20, path="/sp", query=""):
+    src = payload(tmp_path, size)
+    n = fast + 1
+    url = f"{relay.url}{path}?n={n}{query}"
+    outs = [tmp_path / f"fast{i}" for i in range(fast)]
+    fast_procs = [curl_receiver(url, o) for o in outs]
+    slow = ThrottledReader(relay.port, f"{path}?n={n}{query}", rate)
+    wait_for(lambda: waiting_count(relay) == 1)
+    sender = curl_sender(url, src)
+    return src, outs, fast_procs, slow, sender
+
+
+def test_slow_receiver_spills_while_fast_ones_finish_first_with_identical_bytes(start_relay,
+                                                                                 tmp_path):
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    relay = start_relay("--window", "512k", "--spill-dir", str(spill_dir), workers=2)
+    size = 30 * WINDOW
+    src, outs, fast, slow, sender = run_pipe(relay, tmp_path, size)
+    spilled = wait_for(lambda: sum(w["spill_bytes"] for w in relay.health()["workers"]),
+                       what="spill in use")
+    assert wait_all(fast) == [0] * 4
+    fast_done = time.monotonic()
+    assert slow.is_alive(), "the slow receiver should still be reading"
+    assert [sha256_file(o) for o in outs] == [sha256_file(src)] * 4
+    slow.join(60)
+    body, complete = slow.body()
+    assert complete and body == src.read_bytes()
+    assert slow.finished_at > fast_done
+    assert wait_all([sender]) == [0]
+    relay.wait_idle()
+    assert spilled > 0
+    assert spill_fds(relay, spill_dir) == [] and os.listdir(spill_dir) == []
+
+
+@pytest.mark.parametrize("how", ["daemon", "per-pipe"])
+def test_drop_policy_cuts_the_receiver_past_the_spill_limit(start_relay, tmp_path, how):
+    args = ["--window", "512k", "--spill-limit", "2M", "--spill-dir", str(tmp_path)]
+    args += ["--slow", "drop"] if how == "daemon" else ["--slow", "block"]
+    relay = start_relay(*args, workers=2)
+    query = "&slow=drop" if how == "per-pipe" else ""
+    src, outs, fast, slow, sender = run_pipe(relay, tmp_path, 12 << 20, rate=1 << 20,
+                                             query=query)
+    assert wait_all(fast) == [0] * 4
+    assert [sha256_file(o) for o in outs] == [sha256_file(src)] * 4
+    slow.join(60)
+    body, complete = slow.body()
+    assert not complete and len(body) < len(src.read_bytes())
+    assert body == src.read_bytes()[:len(body)]           # short, never corrupt
+    assert wait_all([sender]) == [0]
+    log = wait_for(lambda: "path='/sp'" in relay.stderr_text() and relay.stderr_text())
+    assert "receivers_done=4 receivers_lost=1" in log
+
+
+def test_block_policy_holds_the_producer_at_the_spill_limit_and_loses_nothing(start_relay,
+                                                                              tmp_path):
+    relay = start_relay("--window", "512k", "--spill-limit", "1M", "--slow", "block",
+                        "--spill-dir", str(tmp_path), workers=2)
+    src, outs, fast, slow, sender = run_pipe(relay, tmp_path, 6 << 20, rate=3 << 20)
+    peak = 0
+    while slow.is_alive():
+        peak = max(peak, sum(w["spill_bytes"] for w in relay.health()["workers"]))
+        slow.join(0.05)
+    body, complete = slow.body()
+    assert complete and body == src.read_bytes()
+    assert wait_all([sender, *fast]) == [0] * 5
+    assert [sha256_file(o) for o in outs] == [sha256_file(src)] * 4
+    # Published once a second, so only a loose bound: the limit plus what a second adds.
+    assert peak <= (1 << 20) + (4 << 20)
+
+
+def test_exhausted_spill_budget_falls_back_to_holding_the_producer(start_relay, tmp_path):
+    relay = start_relay("--window", "512k", "--spill-budget", "0", "--spill-dir",
+                        str(tmp_path), workers=1)
+    src, outs, fast, slow, sender = run_pipe(relay, tmp_path, 4 << 20, rate=4 << 20)
+    slow.join(60)
+    body, complete = slow.body()
+    assert complete and body == src.read_bytes()
+    assert wait_all([sender, *fast]) == [0] * 5
+    assert [sha256_file(o) for o in outs] == [sha256_file(src)] * 4
+
+
+def test_worker_killed_mid_spill_leaves_no_spill_file(start_relay, tmp_path):
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    relay = start_relay("--window", "512k", "--spill-dir", str(spill_dir), workers=2)
+    src, outs, fast, slow, sender = run_pipe(relay, tmp_path, 40 * WINDOW, rate=1 << 20)
+    wait_for(lambda: sum(w["spill_bytes"] for w in relay.health()["workers"]),
+             what="spill in use")
+    victim = next(w for w in relay.health()["workers"] if w["spill_bytes"])["pid"]
+    os.kill(victim, signal.SIGKILL)         # the producer's worker: the transfer aborts
+    codes = wait_all([sender, *fast])
+    assert codes[0] != 0 and all(c in (0, 18, 56) for c in codes[1:])
+    slow.sock.close()
+    wait_for(lambda: relay.health()["workers_alive"] == 2 and relay.health()["slots_in_use"] == 0,
+             what="respawn and cleanup")
+    wait_for(lambda: spill_fds(relay, spill_dir) == [], what="spill descriptors closed")
+    assert os.listdir(spill_dir) == []
+
+
+def test_leftover_spill_files_are_removed_at_start(start_relay, tmp_path):
+    leftover = tmp_path / "relayd-spill-abc123"
+    leftover.write_bytes(b"x" * 1000)
+    relay = start_relay("--spill-dir", str(tmp_path), workers=1)
+    assert not leftover.exists()
+    assert "removed 1 spill file" in relay.stderr_text()
