@@ -43,8 +43,9 @@ Answers, in the order they are decided:
 - 403: a genuine credential used for what it does not grant: a receive URL used to send (or
   the reverse), a token outside its prefixes or without the role.
 A refusal says nothing about the pipe (whether it exists, who waits); each is logged once to
-stderr as `relayd: refused ADDRESS METHOD PATH STATUS: reason` - never a key, signature or
-token (a token is named by its `name`, if any).
+stderr: `relayd: refused status=403 method=GET path='/llm' peer='10.0.0.7' reason='…'` (the
+path without its query; a token is named by its `name`; never a key, signature or token).
+`check` also blanks the `sig` parameter in `conn.url`, which later log lines quote.
 
 Refusal counting: a table in anonymous shared memory, made by the first `from_file` call.
 The supervisor makes that call before it forks, so every worker (and every worker a SIGHUP

@@ -11,6 +11,9 @@ import html
 
 from relayd import __version__
 
+# Only this origin: inline code, and fetch/XHR to the relay itself (downloads are blob: links).
+CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+       "connect-src 'self'; img-src 'self' data: blob:; base-uri 'none'; form-action 'none'")
 RESERVED_PATHS = ("/", "/help", "/version", "/health", "/metrics", "/favicon.ico", "/robots.txt")
 
 
@@ -42,7 +45,8 @@ Reserved paths: / /help /version /health /metrics
 
 def index_page(host: bytes) -> bytes:
     usage = html.escape(help_text(host).decode("latin-1"))
-    return (_PAGE.replace("@@VERSION@@", html.escape(__version__))
+    return (_PAGE.replace("@@CSP@@", CSP)
+                 .replace("@@VERSION@@", html.escape(__version__))
                  .replace("@@RESERVED@@", " ".join(RESERVED_PATHS))
                  .replace("@@USAGE@@", usage)).encode()
 
@@ -50,14 +54,16 @@ def index_page(host: bytes) -> bytes:
 # Plain string, not an f-string: the CSS and JS are full of braces.
 _PAGE = r"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data: blob:; base-uri 'none'; form-action 'none'">
+<meta http-equiv="Content-Security-Policy" content="@@CSP@@">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="referrer" content="no-referrer">
 <title>relayd</title>
 <style>
-:root{--fg:#1d2125;--mute:#5f6b76;--line:#d5dbe1;--bg:#f6f8fa;--acc:#0b62c4;--ok:#1a7f37;--bad:#c4281c}
+:root{--fg:#1d2125;--mute:#5f6b76;--line:#d5dbe1;--bg:#f6f8fa;--acc:#0b62c4;--ok:#1a7f37;
+  --bad:#c4281c}
 *{box-sizing:border-box}
-body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;color:var(--fg);max-width:64rem;margin:1.5rem auto;padding:0 1rem}
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;color:var(--fg);max-width:64rem;
+  margin:1.5rem auto;padding:0 1rem}
 h1{font-size:1.4rem;margin:0 0 .2rem}h1 small{font-size:.8rem;color:var(--mute);font-weight:400}
 h2{font-size:1.1rem;margin:0 0 .6rem}
 p.lead{margin:.2rem 0 1rem;color:var(--mute)}
@@ -65,16 +71,26 @@ p.lead{margin:.2rem 0 1rem;color:var(--mute)}
 section.card{border:1px solid var(--line);border-radius:8px;padding:1rem;background:#fff}
 label{display:block;font-size:.85rem;color:var(--mute);margin:.5rem 0 .15rem}
 .row{display:flex;gap:.5rem;align-items:flex-end}.row>div{flex:1}.row>div.narrow{flex:0 0 5.5rem}
-input[type=text],input[type=number],textarea{width:100%;font:inherit;padding:.35rem .45rem;border:1px solid var(--line);border-radius:5px}
-textarea{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85rem;min-height:5.5rem;resize:vertical}
-.kind{display:flex;gap:1rem;margin:.6rem 0 .1rem}.kind label{display:inline;margin:0;color:var(--fg);font-size:.95rem}
-button{font:inherit;padding:.4rem 1rem;border-radius:5px;border:1px solid var(--acc);background:var(--acc);color:#fff;cursor:pointer;margin-top:.7rem}
+input[type=text],input[type=number],textarea{width:100%;font:inherit;padding:.35rem .45rem;
+  border:1px solid var(--line);border-radius:5px}
+textarea{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.85rem;min-height:5.5rem;
+  resize:vertical}
+.kind{display:flex;gap:1rem;margin:.6rem 0 .1rem}
+.kind label{display:inline;margin:0;color:var(--fg);font-size:.95rem}
+button{font:inherit;padding:.4rem 1rem;border-radius:5px;border:1px solid var(--acc);
+  background:var(--acc);color:#fff;cursor:pointer;margin-top:.7rem}
 button.second{background:#fff;color:var(--acc)}button:disabled{opacity:.45;cursor:default}
 progress{width:100%;height:1rem;margin-top:.7rem}
 .stats{font-size:.85rem;color:var(--mute);min-height:1.2em;font-variant-numeric:tabular-nums}
-.status{font-size:.9rem;min-height:1.3em;margin-top:.3rem}.status.ok{color:var(--ok)}.status.bad{color:var(--bad)}
-pre{background:var(--bg);border:1px solid var(--line);border-radius:5px;padding:.5rem .6rem;overflow-x:auto;font-size:.8rem;margin:.3rem 0;white-space:pre-wrap;word-break:break-all}
-.cmd{position:relative}.cmd pre{padding-right:4.2rem}.cmd button{position:absolute;top:0;right:.3rem;margin-top:.3rem;padding:.1rem .5rem;font-size:.75rem}
+.status{font-size:.9rem;min-height:1.3em;margin-top:.3rem}
+.status.ok{color:var(--ok)}
+.status.bad{color:var(--bad)}
+pre{background:var(--bg);border:1px solid var(--line);border-radius:5px;padding:.5rem .6rem;
+  overflow-x:auto;font-size:.8rem;margin:.3rem 0;white-space:pre-wrap;word-break:break-all}
+.cmd{position:relative}
+.cmd pre{padding-right:4.2rem}
+.cmd button{position:absolute;top:0;right:.3rem;margin-top:.3rem;padding:.1rem .5rem;
+  font-size:.75rem}
 .hash{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.8rem;word-break:break-all}
 .hidden{display:none}
 a.save{display:inline-block;margin-top:.5rem}
@@ -89,32 +105,41 @@ Pick a path and <b>n</b> (how many receivers); either side may start first. Noth
 <section class="card" id="send">
 <h2>Send</h2>
 <div class="row">
- <div><label for="send-path">path</label><input type="text" id="send-path" spellcheck="false" autocomplete="off"></div>
- <div class="narrow"><label for="send-n">n</label><input type="number" id="send-n" min="1" max="256" value="1"></div>
+ <div><label for="send-path">path</label>
+  <input type="text" id="send-path" spellcheck="false" autocomplete="off"></div>
+ <div class="narrow"><label for="send-n">n</label>
+  <input type="number" id="send-n" min="1" max="256" value="1"></div>
 </div>
 <div class="kind" role="radiogroup">
  <label><input type="radio" name="send-kind" id="send-kind-text" value="text" checked> text</label>
  <label><input type="radio" name="send-kind" id="send-kind-file" value="file"> file</label>
 </div>
-<div id="send-text-box"><label for="send-text">text</label><textarea id="send-text" spellcheck="false">hello from the browser</textarea></div>
-<div id="send-file-box" class="hidden"><label for="send-file">file</label><input type="file" id="send-file"></div>
-<button id="send-start">Send</button> <button id="send-cancel" class="second" disabled>Cancel</button>
+<div id="send-text-box"><label for="send-text">text</label>
+ <textarea id="send-text" spellcheck="false">hello from the browser</textarea></div>
+<div id="send-file-box" class="hidden"><label for="send-file">file</label>
+ <input type="file" id="send-file"></div>
+<button id="send-start">Send</button>
+<button id="send-cancel" class="second" disabled>Cancel</button>
 <progress id="send-progress" max="100" value="0"></progress>
 <div class="stats" id="send-stats"></div>
 <div class="status" id="send-status"></div>
 <pre id="send-log" class="hidden"></pre>
 <div class="stats">sha256 of what is sent: <span class="hash" id="send-sha256"></span></div>
 <label>the same with curl</label>
-<div class="cmd"><pre id="send-curl"></pre><button class="second copy" data-for="send-curl">copy</button></div>
+<div class="cmd"><pre id="send-curl"></pre>
+ <button class="second copy" data-for="send-curl">copy</button></div>
 </section>
 
 <section class="card" id="receive">
 <h2>Receive</h2>
 <div class="row">
- <div><label for="recv-path">path</label><input type="text" id="recv-path" spellcheck="false" autocomplete="off"></div>
- <div class="narrow"><label for="recv-n">n</label><input type="number" id="recv-n" min="1" max="256" value="1"></div>
+ <div><label for="recv-path">path</label>
+  <input type="text" id="recv-path" spellcheck="false" autocomplete="off"></div>
+ <div class="narrow"><label for="recv-n">n</label>
+  <input type="number" id="recv-n" min="1" max="256" value="1"></div>
 </div>
-<button id="recv-start">Receive</button> <button id="recv-cancel" class="second" disabled>Cancel</button>
+<button id="recv-start">Receive</button>
+<button id="recv-cancel" class="second" disabled>Cancel</button>
 <progress id="recv-progress" max="100" value="0"></progress>
 <div class="stats" id="recv-stats"></div>
 <div class="status" id="recv-status"></div>
@@ -122,7 +147,8 @@ Pick a path and <b>n</b> (how many receivers); either side may start first. Noth
 <pre id="recv-text" class="hidden"></pre>
 <div class="stats">sha256 of what was received: <span class="hash" id="recv-sha256"></span></div>
 <label>the same with curl</label>
-<div class="cmd"><pre id="recv-curl"></pre><button class="second copy" data-for="recv-curl">copy</button></div>
+<div class="cmd"><pre id="recv-curl"></pre>
+ <button class="second copy" data-for="recv-curl">copy</button></div>
 <label>a link that opens this page ready to receive</label>
 <pre id="recv-link"></pre>
 </section>
@@ -170,10 +196,13 @@ class Sha256 {
   block(b, o) {
     const w = this.w, H = this.h;
     const ror = (x, n) => (x >>> n) | (x << (32 - n));
-    for (let t = 0; t < 16; t++, o += 4) w[t] = (b[o] << 24) | (b[o+1] << 16) | (b[o+2] << 8) | b[o+3];
+    for (let t = 0; t < 16; t++, o += 4) {
+      w[t] = (b[o] << 24) | (b[o+1] << 16) | (b[o+2] << 8) | b[o+3];
+    }
     for (let t = 16; t < 64; t++) {
       const x = w[t-15], y = w[t-2];
-      w[t] = w[t-16] + (ror(x,7) ^ ror(x,18) ^ (x >>> 3)) + w[t-7] + (ror(y,17) ^ ror(y,19) ^ (y >>> 10));
+      w[t] = w[t-16] + (ror(x,7) ^ ror(x,18) ^ (x >>> 3)) +
+             w[t-7] + (ror(y,17) ^ ror(y,19) ^ (y >>> 10));
     }
     let a = H[0], c1 = H[1], c2 = H[2], d = H[3], e = H[4], f = H[5], g = H[6], h = H[7];
     for (let t = 0; t < 64; t++) {
@@ -216,9 +245,14 @@ function stats(done, total, started) {
   const s = (performance.now() - started) / 1000;
   const rate = s > 0 ? size(done / s) + "/s" : "";
   const pct = total ? " (" + Math.floor(100 * done / total) + "%)" : "";
-  return size(done) + (total ? " of " + size(total) : "") + pct + "  ·  " + rate + "  ·  " + s.toFixed(1) + " s";
+  return size(done) + (total ? " of " + size(total) : "") + pct +
+    "  ·  " + rate + "  ·  " + s.toFixed(1) + " s";
 }
-function setStatus(id, text, kind) { const el = $(id); el.textContent = text; el.className = "status " + (kind || ""); }
+function setStatus(id, text, kind) {
+  const el = $(id);
+  el.textContent = text;
+  el.className = "status " + (kind || "");
+}
 function setProgress(id, done, total) {
   const p = $(id);
   if (total) { p.max = total; p.value = done; } else { p.removeAttribute("value"); }
@@ -235,7 +269,9 @@ function pipeUrl(pathText, nText) {
   if (!p.startsWith("/")) p = "/" + p;
   if (RESERVED.includes(p)) throw new Error(p + " is reserved; choose another path");
   const n = Number(nText);
-  if (!Number.isInteger(n) || n < 1 || n > 256) throw new Error("n must be an integer from 1 to 256");
+  if (!Number.isInteger(n) || n < 1 || n > 256) {
+    throw new Error("n must be an integer from 1 to 256");
+  }
   const params = new URLSearchParams(extra);
   params.delete("n");
   params.set("n", String(n));
@@ -284,10 +320,15 @@ function updateSendCurl() {
 function updateRecvCurl() {
   let url;
   try { url = pipeUrl($("recv-path").value, $("recv-n").value); }
-  catch (e) { $("recv-curl").textContent = "# " + e.message; $("recv-link").textContent = ""; return; }
+  catch (e) {
+    $("recv-curl").textContent = "# " + e.message;
+    $("recv-link").textContent = "";
+    return;
+  }
   const n = Number($("recv-n").value);
   const out = fileName($("recv-path").value);
-  $("recv-curl").textContent = "curl -o " + shq(out) + " " + shq(url) + " && sha256sum " + shq(out) +
+  $("recv-curl").textContent = "curl -o " + shq(out) + " " + shq(url) +
+    " && sha256sum " + shq(out) +
     (n > 1 ? "\n# each of the " + n + " receivers runs this (or opens this page)" : "");
   const path = $("recv-path").value.trim();
   $("recv-link").textContent = location.origin + "/#receive=" +
@@ -317,26 +358,31 @@ function startSend() {
                     (e) => { $("send-sha256").textContent = "(" + e.message + ")"; });
   const xhr = new XMLHttpRequest();
   sendXhr = xhr;
-  const started = performance.now();
-  let uploaded = 0;
+  // Until the relay says "Start sending", the bytes counted are only buffered by the kernel
+  // (the relay does not read a waiting sender): the clock starts then, and the final rate is
+  // the whole body over the time until the relay reports every receiver served.
+  let started = performance.now(), flowing = false, uploaded = 0;
+  const show = () => {
+    setProgress("send-progress", uploaded, total);
+    $("send-stats").textContent = stats(uploaded, total, started) +
+      (flowing ? "" : "  ·  buffered, waiting for the receivers");
+  };
   xhr.open("PUT", url);
   for (const k in headers) xhr.setRequestHeader(k, headers[k]);
-  xhr.upload.onprogress = (ev) => {
-    uploaded = ev.loaded;
-    setProgress("send-progress", ev.loaded, total);
-    $("send-stats").textContent = stats(ev.loaded, total, started);
+  xhr.upload.onprogress = (ev) => { uploaded = ev.loaded; show(); };
+  xhr.upload.onload = () => { uploaded = total; show(); };
+  xhr.onprogress = () => {
+    showLog(xhr.responseText);
+    if (!flowing && /Start sending/.test(xhr.responseText)) {
+      flowing = true; started = performance.now(); show();
+    }
   };
-  xhr.upload.onload = () => {
-    uploaded = total;
-    setProgress("send-progress", total, total);
-    $("send-stats").textContent = stats(total, total, started);
-  };
-  xhr.onprogress = () => { showLog(xhr.responseText); };
   xhr.onload = () => {
     showLog(xhr.responseText);
     const text = xhr.responseText;
     sendXhr = null; sendButtons(false);
     if (xhr.status === 200 && !/\[ERROR\]/.test(text)) {
+      flowing = true; uploaded = total;
       finishProgress("send-progress", total);
       $("send-stats").textContent = stats(total, total, started);
       setStatus("send-status", "sent " + size(total) + ": " + lastLine(text), "ok");
@@ -398,7 +444,8 @@ async function startReceive() {
     const length = r.headers.get("Content-Length");
     const total = length === null ? 0 : Number(length);
     const type = r.headers.get("Content-Type") || "application/octet-stream";
-    const name = dispositionName(r.headers.get("Content-Disposition")) || fileName($("recv-path").value);
+    const name = dispositionName(r.headers.get("Content-Disposition")) ||
+      fileName($("recv-path").value);
     $("receive").dataset.state = "receiving";
     setStatus("recv-status", "receiving…");
     const started = performance.now();
@@ -436,7 +483,8 @@ async function startReceive() {
     a.click();                      // the download; the link stays for another copy
   } catch (e) {
     const why = e.name === "AbortError" ? "cancelled" :
-      (e instanceof TypeError ? "the transfer did not complete (sender gone or connection broke)" : e.message);
+      (e instanceof TypeError ?
+        "the transfer did not complete (sender gone or connection broke)" : e.message);
     setStatus("recv-status", "failed after " + size(received) + ": " + why, "bad");
     $("receive").dataset.state = "failed";
   } finally {
@@ -466,7 +514,9 @@ function updateKind() {
   $("send-file-box").classList.toggle("hidden", sendKind() !== "file");
   updateSendCurl();
 }
-for (const id of ["send-path", "send-n", "send-text", "send-file"]) $(id).addEventListener("input", updateSendCurl);
+for (const id of ["send-path", "send-n", "send-text", "send-file"]) {
+  $(id).addEventListener("input", updateSendCurl);
+}
 $("send-file").addEventListener("change", updateSendCurl);
 $("send-kind-text").addEventListener("change", updateKind);
 $("send-kind-file").addEventListener("change", updateKind);

@@ -112,6 +112,7 @@ class Connection:
         self.timer = None
         self.stream = None               # streaming.SenderStream / Receiver once streaming
         self.requests = 0
+        self.first_line: bytes | None = b""   # the connection's first request line, until seen
         # lifetime: one request
         self.parser = httptools.HttpRequestParser(self)
         self._reset_request()
@@ -157,6 +158,8 @@ class Connection:
         if not self.headers_done:
             self.head_bytes += len(data)
         try:
+            if self.first_line is not None:
+                self._check_first_line(data)
             self.parser.feed_data(data)
             if not self.headers_done and self.head_bytes > (self.worker.config.max_uri_bytes
                                                            + self.worker.config.max_header_bytes):
@@ -176,11 +179,27 @@ class Connection:
                 return   # junk after a complete pipe request: that connection closes after
             self.fail(HttpError(400, f"malformed request: {e}"))
 
+    def _check_first_line(self, data: bytes) -> None:
+        """HTTP/0.9 (`GET /` with no version) would wait for headers forever in llhttp:
+        refuse it as soon as the first line is in."""
+        self.first_line += data[:self.worker.config.max_uri_bytes + 64]
+        end = self.first_line.find(b"\n")
+        if end < 0:
+            return
+        line, self.first_line = self.first_line[:end], None
+        parts = line.strip().split(b" ")
+        if len(parts) == 2 and parts[1].startswith(b"/"):
+            raise HttpError(505, "HTTP/0.9 is not supported; use HTTP/1.1")
+        if b" HTTP/" not in line:
+            raise HttpError(400, "malformed request line")
+
     # -- parser callbacks, in wire order ---------------------------------------------------
     def on_message_begin(self) -> None:
         if self.role is not None:
             return
+        head_bytes = self.head_bytes      # counted before the parser saw the message begin
         self._reset_request()
+        self.head_bytes = head_bytes
 
     def on_url(self, url: bytes) -> None:
         if self.role is not None:
@@ -350,6 +369,9 @@ class Connection:
         """Answer a client's mistake once and close; a response already begun just closes."""
         if self.phase >= self.CLOSING:
             return
+        if self.phase in (self.JOINING, self.WAITING):
+            # e.g. a waiting sender whose body turned out malformed: leave the rendezvous.
+            self.worker.report("leave", self.id)
         if self.head_sent:
             self.close()
             return

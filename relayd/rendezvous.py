@@ -238,6 +238,8 @@ class Registry:
         sw, sc = pipe.sender
         out: Outbox = []
         if pipe.state is PipeState.STREAMING:
+            # The producer has not reported its count: log the bytes it published so far.
+            pipe.body_bytes = self.arena.load(ring.SlotFields(self.arena, pipe.slot).tail)
             pipe.apply(Event.last_receiver_lost)
             out.append((sw, ("abort_sender", pipe.slot, pipe.gen, "all receivers left")))
             outcome, category = "aborted: all receivers left", "receivers_left"

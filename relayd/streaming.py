@@ -660,8 +660,10 @@ class ReceiverGroup:
         if lowest == self.published and lowest_file == self.published_file:
             return
         self.published, self.published_file = lowest, lowest_file
-        a.store(f.cursor(self.me), lowest)
+        # File cursor first: a receiver moving ring -> file must never be missing from both
+        # as the producer loads cursor, then file_cursor (x86 keeps stores in order).
         a.store(f.file_cursor(self.me), lowest_file)
+        a.store(f.cursor(self.me), lowest)
         ring.fence()
         wake_at = a.load(f.wake_at)
         if wake_at and lowest >= wake_at and wake_at != self.last_kicked_wake:

@@ -26,7 +26,7 @@ import traceback
 from relayd import __version__, logs, ring, spill, systemd
 from relayd.config import Config
 from relayd.rendezvous import Registry
-from relayd.worker import EXIT_BOOT_FAILURE, Worker
+from relayd.worker import EXIT_BOOT_FAILURE, TRIM_AFTER_CLOSED, Worker, trim_heap
 
 RESPAWN_BACKOFF_MAX_S = 5.0
 QUICK_DEATH_S = 1.0
@@ -71,6 +71,7 @@ class Supervisor:
         self.respawn_at = 0.0
         self.registry: Registry | None = None
         self.exit_code = 0
+        self.pipes_peak = 0
         usec = os.environ.get("WATCHDOG_USEC", "")
         pid = os.environ.get("WATCHDOG_PID", "")
         self.watchdog_s = (int(usec) / 1e6 if usec.isdigit() and (not pid or pid == str(self.pid))
@@ -374,6 +375,10 @@ class Supervisor:
     def publish_stats(self) -> None:
         a, r = self.arena, self.registry
         waiting, streaming = r.counts()
+        self.pipes_peak = max(self.pipes_peak, waiting + streaming)
+        if self.pipes_peak - waiting - streaming > TRIM_AFTER_CLOSED:
+            trim_heap()                  # 10,000 pipes gone: give their memory back
+            self.pipes_peak = waiting + streaming
         a.store(a.sup_index(ring.SUP_PIPES_WAITING), waiting)
         a.store(a.sup_index(ring.SUP_PIPES_STREAMING), streaming)
         a.store(a.sup_index(ring.SUP_SLOTS_IN_USE), r.slots.in_use)
