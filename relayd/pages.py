@@ -243,10 +243,11 @@ function size(b) {
 }
 function stats(done, total, started) {
   const s = (performance.now() - started) / 1000;
-  const rate = s > 0 ? size(done / s) + "/s" : "";
+  // Below 50 ms a rate is mostly timer noise (and kernel buffering): show none.
+  const rate = s >= 0.05 ? "  ·  " + size(Math.round(done / s)) + "/s" : "";
   const pct = total ? " (" + Math.floor(100 * done / total) + "%)" : "";
-  return size(done) + (total ? " of " + size(total) : "") + pct +
-    "  ·  " + rate + "  ·  " + s.toFixed(1) + " s";
+  return size(done) + (total ? " of " + size(total) : "") + pct + rate +
+    "  ·  " + s.toFixed(s < 10 ? 2 : 1) + " s";
 }
 function setStatus(id, text, kind) {
   const el = $(id);

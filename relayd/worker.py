@@ -127,7 +127,9 @@ class Worker:
         self.loop.add_signal_handler(signal.SIGTERM, self.handle_term)
         self.loop.add_signal_handler(signal.SIGQUIT, self.handle_quit)
         self.loop.call_later(STATS_INTERVAL_S, self.publish_stats)
-        self.report("ready", os.getpid())
+        # Only once the loop runs: uvloop installs its signal wake-up pipe when run_forever
+        # starts, and a SIGTERM arriving between "ready" and then would be lost.
+        self.loop.call_soon(self.report, "ready", os.getpid())
         try:
             self.loop.run_forever()
         finally:
