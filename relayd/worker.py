@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 
 import uvloop
 
@@ -287,7 +288,11 @@ class Worker:
             if not data:             # the supervisor is gone: so are we
                 os._exit(0)
             message = pickle.loads(data)
-            getattr(self, "on_" + message[0])(*message[1:])
+            try:
+                getattr(self, "on_" + message[0])(*message[1:])
+            except Exception:        # a bug in one message must not strand the ones after it
+                logs.message(f"worker {self.index}: error handling {message[0]}: "
+                             + traceback.format_exc().strip().replace("\n", " | "))
 
     def _party(self, conn_id: int) -> Connection | None:
         conn = self.conns.get(conn_id)
