@@ -118,7 +118,8 @@ class Destination:
         text = bytes(response.body).decode("utf-8", "replace")
         sys.stderr.write("".join(f"{self.url}: {line}\n" for line in text.splitlines()))
         if response.status != 200 or "[ERROR]" in text or not response.complete:
-            self.error = self.error or f"status {response.status}, answer {'complete' if response.complete else 'cut short'}"
+            ended = "complete" if response.complete else "cut short"
+            self.error = self.error or f"status {response.status}, answer {ended}"
         self.close()
 
     def close(self) -> None:
@@ -135,6 +136,8 @@ def forward(source_url: str, dest_urls: list[str], timeout: float = TIMEOUT_S) -
     try:
         # The head arrives when the source's transfer starts (its sender and n receivers met).
         if not response.feed(sock, lambda: response.headers_done) or response.status != 200:
+            if response.headers_done:       # an error answer: read its one [ERROR] line
+                response.feed(sock, lambda: response.complete)
             raise Failed(f"source {source_url}: status {response.status or 'none'} "
                          f"{bytes(response.body).decode('utf-8', 'replace').strip()}")
         headers = [(name, value) for name, value in response.headers

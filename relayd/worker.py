@@ -440,8 +440,10 @@ class Worker:
         now, c = self.loop.time(), self.config
         for group in list(self.groups.values()):
             group.close_stalled(now, c.receiver_stall_timeout_s)
+            group.service()      # belt and braces: a lost wake-up costs a second, not a hang
         for stream in list(self.senders.values()):
             stream.check_idle(now, c.sender_idle_timeout_s)
+            stream.on_kick()
 
     def health(self) -> dict:
         self.publish_stats(reschedule=False)
