@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from relayd.worker import Worker
 
 REASONS = {
-    100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 404: "Not Found",
+    100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
+    403: "Forbidden", 404: "Not Found", 429: "Too Many Requests",
     405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
     411: "Length Required", 413: "Content Too Large", 414: "URI Too Long",
     417: "Expectation Failed", 431: "Request Header Fields Too Large",
@@ -347,10 +348,8 @@ class Connection:
         elif self.path == b"/robots.txt":
             self.reply(200, b"User-agent: *\nDisallow: /\n", close=close, head_only=head_only)
         else:                                   # /metrics
-            auth = self.worker.auth
-            if auth is not None and not auth.metrics_allowed(self.headers):
-                raise HttpError(401, "/metrics needs a token with the metrics role",
-                                b'WWW-Authenticate: Bearer realm="relayd"\r\n')
+            if self.worker.auth is not None:   # a token with the metrics role (401/403/429)
+                self.worker.auth.check_metrics(self)
             self.reply(200, metrics.render(self.worker), metrics.CONTENT_TYPE, close,
                        head_only=head_only)
 

@@ -433,6 +433,13 @@ class Supervisor:
         """Reload: start fresh workers first (the port never closes), then retire the old."""
         if self.stopping:
             return
+        if self.config.secret_file:     # new workers read it: refuse a broken one now
+            from relayd.auth import Authorizer
+            try:
+                Authorizer.from_file(self.config.secret_file)
+            except (OSError, ValueError) as e:
+                log(f"SIGHUP ignored: --secret-file {self.config.secret_file}: {e}")
+                return
         log("SIGHUP: reloading workers")
         old = [w for w in self.workers.values() if not w.retiring]
         for w in old:

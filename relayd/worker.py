@@ -45,6 +45,7 @@ class WorkerStats:
 
 
 TRIM_AFTER_CLOSED = 1000        # connections gone since the last trim
+AUTH_STATUSES = (401, 403, 429)
 
 
 def trim_heap() -> None:
@@ -398,9 +399,13 @@ class Worker:
 
     # -- observability ---------------------------------------------------------------------
     def count_rejection(self, conn: Connection, status: int, reason: str) -> None:
-        """Every refused request: counted for /metrics and logged once."""
-        logs.event("rejected", status=status, method=conn.method, path=conn.url[:200],
-                   peer=conn.peer, worker=self.index, reason=reason)
+        """Every refused request: counted for /metrics and logged once (access control's
+        refusals are logged by relayd/auth.py, with what it knows of the credential)."""
+        if status not in AUTH_STATUSES:
+            # The path only: a query may carry a signature, which no log should hold.
+            logs.event("rejected", status=status, method=conn.method,
+                       path=conn.url.split(b"?")[0][:200], peer=conn.peer, worker=self.index,
+                       reason=reason)
         if status not in ring.REJECTION_STATUSES:
             status = 0
         self.rejections[status] = self.rejections.get(status, 0) + 1

@@ -48,6 +48,7 @@ def test_metrics_count_transfers_bytes_and_rejections_over_all_workers(start_rel
     assert status == 400
     # Workers publish their counters about once a second; wait for the figures, not a time.
     samples = wait_for(lambda: (lambda s: s if total(s, "relayd_sent_bytes_total") >= 900_000
+                                and total(s, "relayd_received_bytes_total") >= 300_000
                                 and total(s, "relayd_rejected_requests_total", status="400") >= 1
                                 else None)(scrape(relay)), what="published counters")
     assert total(samples, "relayd_transfers_total", outcome="ok") == 1
