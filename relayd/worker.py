@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import gc
 import os
 import pickle
 import select
@@ -132,6 +133,9 @@ class Worker:
         # Only once the loop runs: uvloop installs its signal wake-up pipe when run_forever
         # starts, and a SIGTERM arriving between "ready" and then would be lost.
         self.loop.call_soon(self.report, "ready", os.getpid())
+        # Everything built so far lives as long as the worker: keep it out of the cyclic
+        # collector's full passes, which would otherwise walk it on the data path's time.
+        gc.freeze()
         try:
             self.loop.run_forever()
         finally:
