@@ -11,6 +11,7 @@ Every control message is handled in its own try: a bad message aborts that pipe 
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import pickle
@@ -111,6 +112,10 @@ class Supervisor:
         if soft < hard:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         c = self.config
+        if c.transmit != "copy" and ring.shmem_huge_pages_possible():
+            log("shmem may use huge pages here (transparent_hugepage/shmem_enabled): "
+                "the sendfile ring is unsafe, so every pipe uses --transmit copy")
+            self.config = c = dataclasses.replace(c, transmit="copy")
         if c.secret_file:          # refuse a bad secret file before any worker trips on it
             from relayd.auth import Authorizer
             try:
