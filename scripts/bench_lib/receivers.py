@@ -1,0 +1,375 @@
+"""Many lean HTTP GET receivers in one process (a program: python -m bench_lib.receivers).
+
+256 curl processes would eat the 2 cores the servers need; one selectors loop over raw
+non-blocking sockets costs a recv_into and a sha256 update per read. Modes:
+  bytes  count and sha256 every receiver's body (throughput, slow receiver)
+  lines  also split the body into the producer's lines and time each one (token latency)
+  wait   connect, send the GET, never read: the scale-of-waiting workload
+
+Talks to the harness over stdin/stdout, one line each:
+  READY {json}     every socket connected and its GET sent (the producer may start)
+  CHECKED {json}   (wait mode, after "CHECK" on stdin) sockets still silent / answered / closed
+  RESULT {json}    per-receiver outcome, last line; then the process exits
+Clocks: time.monotonic_ns is CLOCK_MONOTONIC, shared by all processes of the machine, so
+the producer's send stamps and these receive stamps are comparable.
+"""
+import argparse
+import array
+import errno
+import hashlib
+import json
+import selectors
+import socket
+import sys
+import time
+
+from bench_lib.http_body import ProtocolError, ResponseDecoder
+
+RECV_BUFFER_BYTES = 256 * 1024
+THROTTLE_BURST_BYTES = 64 * 1024
+THROTTLE_MIN_READ_BYTES = 4 * 1024
+WAIT_CONNECT_BATCH = 256
+
+
+class Receiver:
+    """One GET: connection state, decoder, and what it received."""
+
+    def __init__(self, index, target, host, port, line_sink=None):
+        self.index = index
+        self.request = (f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                        f"Connection: close\r\n\r\n").encode()
+        self.sha256 = hashlib.sha256()
+        self.received = 0
+        self.line_sink = line_sink
+        self.decoder = ResponseDecoder(self._on_body)
+        self.sock = None
+        self.error = None
+        self.finished = False
+        self.request_sent = False
+        self.t_connect_ns = self.t_first_byte_ns = self.t_done_ns = None
+        # Throttle (token bucket); rate None = read as fast as possible.
+        self.rate_bps = None
+        self.tokens = THROTTLE_BURST_BYTES
+        self.tokens_at_ns = 0
+        self.resume_at_ns = None
+        # Line mode.
+        self.line_buffer = bytearray()
+        self.last_seq = -1
+        self.lines = 0
+        self.gaps = 0
+        self.now_ns = 0
+
+    def _on_body(self, piece):
+        self.sha256.update(piece)
+        self.received += len(piece)
+        if self.line_sink is not None:
+            self.line_buffer += piece
+            self._take_lines()
+
+    def _take_lines(self):
+        buffer = self.line_buffer
+        start = 0
+        while True:
+            end = buffer.find(b"\n", start)
+            if end < 0:
+                break
+            seq_field, stamp_field = bytes(buffer[start:end]).split(b" ", 2)[:2]
+            seq = int(seq_field)
+            if seq != self.last_seq + 1:
+                self.gaps += 1
+            self.last_seq = seq
+            self.lines += 1
+            self.line_sink(seq, self.now_ns - int(stamp_field))
+            start = end + 1
+        del buffer[:start]
+
+    def readable_bytes(self, now_ns):
+        """Bytes this receiver may read now (token bucket); 0 = wait for resume_at_ns."""
+        if self.rate_bps is None:
+            return RECV_BUFFER_BYTES
+        elapsed = (now_ns - self.tokens_at_ns) / 1e9
+        self.tokens = min(THROTTLE_BURST_BYTES, self.tokens + elapsed * self.rate_bps)
+        self.tokens_at_ns = now_ns
+        if self.tokens < THROTTLE_MIN_READ_BYTES:
+            wait_s = (THROTTLE_MIN_READ_BYTES - self.tokens) / self.rate_bps
+            self.resume_at_ns = now_ns + int(wait_s * 1e9)
+            return 0
+        return int(self.tokens)
+
+    def outcome(self):
+        return {
+            "index": self.index,
+            "status": self.decoder.status,
+            "complete": self.decoder.complete,
+            "bytes": self.received,
+            "sha256": self.sha256.hexdigest(),
+            "error": self.error,
+            "throttled": self.rate_bps is not None,
+            "t_connect_ns": self.t_connect_ns,
+            "t_first_byte_ns": self.t_first_byte_ns,
+            "t_done_ns": self.t_done_ns,
+            "lines": self.lines,
+            "gaps": self.gaps,
+        }
+
+
+class ReceiverPool:
+    """The selectors loop that connects, reads and (optionally) throttles every receiver."""
+
+    def __init__(self, receivers, host, port, deadline_ns):
+        self.receivers = receivers
+        self.address = (host, port)
+        self.deadline_ns = deadline_ns
+        self.selector = selectors.DefaultSelector()
+        self.buffer = bytearray(RECV_BUFFER_BYTES)
+        self.view = memoryview(self.buffer)
+        self.unsent = 0  # connects started whose request is not sent yet
+        self.active = len(receivers)
+        self.paused = []  # throttled receivers waiting for tokens
+
+    def connect_all(self, batch=None):
+        """Start every non-blocking connect (in batches, so no listen queue overflows)."""
+        for start in range(0, len(self.receivers), batch or len(self.receivers)):
+            for receiver in self.receivers[start:start + (batch or len(self.receivers))]:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                receiver.sock = sock
+                receiver.t_connect_ns = time.monotonic_ns()
+                self.unsent += 1
+                code = sock.connect_ex(self.address)
+                if code not in (0, errno.EINPROGRESS):
+                    self._fail(receiver, f"connect: {errno.errorcode.get(code, code)}")
+                    continue
+                self.selector.register(sock, selectors.EVENT_WRITE, receiver)
+            if batch:
+                self.run(until=self.all_requests_sent)
+
+    def run(self, until=None):
+        """Serve events until until() holds (default: every receiver finished) or deadline."""
+        until = until or (lambda: self.active == 0)
+        while not until():
+            now_ns = time.monotonic_ns()
+            if now_ns >= self.deadline_ns:
+                for receiver in self.receivers:
+                    if not receiver.finished:
+                        self._fail(receiver, "deadline")
+                return
+            timeout_ns = self.deadline_ns - now_ns
+            if self.paused:
+                timeout_ns = min(timeout_ns, min(r.resume_at_ns for r in self.paused) - now_ns)
+            events = self.selector.select(max(timeout_ns, 0) / 1e9)
+            now_ns = time.monotonic_ns()
+            for key, mask in events:
+                receiver = key.data
+                if mask & selectors.EVENT_WRITE:
+                    self._send_request(receiver)
+                else:
+                    self._read(receiver, now_ns)
+            self._resume_paused(now_ns)
+
+    def all_requests_sent(self):
+        return self.unsent == 0
+
+    def lift_throttles(self):
+        for receiver in self.receivers:
+            receiver.rate_bps = None
+        self._resume_paused(float("inf"))
+
+    def _send_request(self, receiver):
+        code = receiver.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self._fail(receiver, f"connect: {errno.errorcode.get(code, code)}")
+            return
+        try:
+            receiver.sock.sendall(receiver.request)  # tiny: fits any send buffer at once
+        except OSError as exc:
+            self._fail(receiver, f"send: {exc}")
+            return
+        receiver.request_sent = True
+        self.unsent -= 1
+        self.selector.modify(receiver.sock, selectors.EVENT_READ, receiver)
+
+    def _read(self, receiver, now_ns):
+        limit = receiver.readable_bytes(now_ns)
+        if limit == 0:
+            self.selector.unregister(receiver.sock)
+            self.paused.append(receiver)
+            return
+        try:
+            count = receiver.sock.recv_into(self.buffer, limit)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._fail(receiver, f"recv: {exc}")
+            return
+        if receiver.rate_bps is not None:
+            receiver.tokens -= count
+        if count == 0:
+            receiver.decoder.feed_eof()
+            if not receiver.decoder.complete:
+                receiver.error = "closed before the body was complete"
+            self._finish(receiver, now_ns)
+            return
+        if receiver.t_first_byte_ns is None:
+            receiver.t_first_byte_ns = now_ns
+        receiver.now_ns = now_ns
+        try:
+            receiver.decoder.feed(self.view[:count])
+        except (ProtocolError, ValueError) as exc:
+            self._fail(receiver, f"protocol: {exc}")
+            return
+        if receiver.decoder.status not in (None, 200):
+            self._fail(receiver, f"status {receiver.decoder.status}")
+        elif receiver.decoder.complete:
+            self._finish(receiver, now_ns)
+
+    def _resume_paused(self, now_ns):
+        still_paused = []
+        for receiver in self.paused:
+            if receiver.rate_bps is None or receiver.resume_at_ns <= now_ns:
+                self.selector.register(receiver.sock, selectors.EVENT_READ, receiver)
+            else:
+                still_paused.append(receiver)
+        self.paused = still_paused
+
+    def _fail(self, receiver, message):
+        if receiver.error is None:
+            receiver.error = message
+        self._finish(receiver, time.monotonic_ns())
+
+    def _finish(self, receiver, now_ns):
+        if receiver.finished:
+            return
+        receiver.finished = True
+        receiver.t_done_ns = now_ns
+        if not receiver.request_sent:
+            self.unsent -= 1
+        if receiver in self.paused:
+            self.paused.remove(receiver)
+        elif receiver.sock is not None:
+            try:
+                self.selector.unregister(receiver.sock)
+            except (KeyError, ValueError):
+                pass
+        if receiver.sock is not None:
+            receiver.sock.close()
+        self.active -= 1
+
+
+def emit(tag, document):
+    sys.stdout.write(f"{tag} {json.dumps(document)}\n")
+    sys.stdout.flush()
+
+
+def percentile(sorted_values, fraction):
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(fraction * len(sorted_values)))]
+
+
+def run_transfer(args):
+    """bytes/lines mode: connect all, READY, receive to the end, RESULT."""
+    latencies_ns = array.array("q")
+    warmup = args.warmup_lines
+
+    def record_line(seq, latency_ns):
+        if seq >= warmup:
+            latencies_ns.append(latency_ns)
+
+    sink = record_line if args.mode == "lines" else None
+    receivers = [Receiver(i, args.target, args.host, args.port, sink) for i in range(args.count)]
+    if args.throttle_bps:
+        receivers[0].rate_bps = args.throttle_bps
+        receivers[0].tokens_at_ns = time.monotonic_ns()
+    pool = ReceiverPool(receivers, args.host, args.port,
+                        time.monotonic_ns() + int(args.deadline_s * 1e9))
+    pool.connect_all()
+    pool.run(until=pool.all_requests_sent)
+    emit("READY", {"t_ns": time.monotonic_ns()})
+    if args.throttle_bps and args.lift_throttle_after_fast:
+        # Fast receivers measured: let the throttled one finish now; its bytes are still checked.
+        fast = receivers[1:]
+        pool.run(until=lambda: all(r.finished for r in fast))
+        pool.lift_throttles()
+    pool.run()
+    ordered = sorted(latencies_ns)
+    document = {"receivers": [r.outcome() for r in receivers]}
+    if args.mode == "lines":
+        document["latency_ns"] = {
+            "count": len(ordered),
+            "p50": percentile(ordered, 0.50),
+            "p99": percentile(ordered, 0.99),
+            "max": ordered[-1] if ordered else None,
+        }
+    emit("RESULT", document)
+
+
+def run_waiting(args):
+    """wait mode: count distinct paths, GET sent, nothing read; CHECK and CLOSE on stdin."""
+    receivers = [Receiver(i, args.target.replace("{i}", str(i)), args.host, args.port)
+                 for i in range(args.count)]
+    pool = ReceiverPool(receivers, args.host, args.port,
+                        time.monotonic_ns() + int(args.deadline_s * 1e9))
+    pool.connect_all(batch=WAIT_CONNECT_BATCH)
+    failed = [r.error for r in receivers if r.error]
+    emit("READY", {"t_ns": time.monotonic_ns(), "connected": args.count - len(failed),
+                   "errors": failed[:5]})
+    for line in sys.stdin:
+        if line.strip() == "CHECK":
+            emit("CHECKED", check_silent(receivers))
+        elif line.strip() == "CLOSE":
+            break
+    for receiver in receivers:
+        if receiver.sock is not None:
+            receiver.sock.close()
+    emit("RESULT", {"closed": len(receivers)})
+
+
+def check_silent(receivers):
+    """How many waiting sockets are still silent (no response, not closed by the server)."""
+    counts = {"silent": 0, "answered": 0, "closed": 0, "failed": 0}
+    for receiver in receivers:
+        if receiver.error or receiver.sock is None or receiver.sock.fileno() < 0:
+            counts["failed"] += 1
+            continue
+        try:
+            data = receiver.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            counts["silent"] += 1
+            continue
+        except OSError:
+            counts["closed"] += 1
+            continue
+        counts["answered" if data else "closed"] += 1
+    return counts
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--target", required=True,
+                        help="request target, e.g. /p?n=50; wait mode: {i} = receiver index")
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--mode", choices=("bytes", "lines", "wait"), default="bytes")
+    parser.add_argument("--throttle-bps", type=float, default=0,
+                        help="receiver 0 reads at most this many bytes per second")
+    parser.add_argument("--lift-throttle-after-fast", action="store_true",
+                        help="once every fast receiver is done, receiver 0 reads at full speed")
+    parser.add_argument("--warmup-lines", type=int, default=0,
+                        help="lines mode: first lines left out of the latency figures")
+    parser.add_argument("--deadline-s", type=float, default=120)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.mode == "wait":
+        run_waiting(args)
+    else:
+        run_transfer(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Smoke run of the benchmark harness (scripts/bench --quick): integrity and report shape.
+
+No timing is asserted: speed is measured by scripts/bench, never asserted in tests.
+Skips (with the reason) when piping-server (npm) or nginx (apt) cannot be installed.
+"""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
+
+from bench_lib import deps  # noqa: E402
+from bench_lib.http_body import ResponseDecoder  # noqa: E402
+from bench_lib.workloads import IntegrityError, verify  # noqa: E402
+
+BENCH_TIMEOUT_S = 240
+PIPE_SERVERS = ("relayd", "piping-server")
+EXPECTED_ROWS = {
+    ("throughput", "N=1, 4 MiB", "GB/s"), ("throughput", "N=1, 4 MiB", "CPU s/GB"),
+    ("throughput", "N=50, 4 MiB", "GB/s"), ("throughput", "N=50, 4 MiB", "CPU s/GB"),
+    ("latency", "N=50, 200 lines", "p50 ms"), ("latency", "N=50, 200 lines", "p99 ms"),
+    ("latency", "N=50, 200 lines", "lines lost"),
+    ("slow", "fits: 256 KiB", "ratio"), ("slow", "30×: 7.5 MiB", "ratio"),
+    ("waiting", "1000 waiting", "RSS waiting MiB"), ("waiting", "1000 waiting", "not waiting"),
+    ("transmit", "throughput N=50, 4 MiB", "GB/s"), ("transmit", "latency N=50, 200 lines",
+                                                     "p99 ms"),
+}
+
+
+def chunked(body, size):
+    out = b""
+    for start in range(0, len(body), size):
+        piece = body[start:start + size]
+        out += b"%08x\r\n%s\r\n" % (len(piece), piece)
+    return out + b"0\r\n\r\n"
+
+
+def test_decoder_reassembles_a_chunked_body_fed_one_byte_at_a_time():
+    body = os.urandom(5000)
+    wire = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(body, 777)
+    received = bytearray()
+    decoder = ResponseDecoder(received.extend)
+    for index in range(len(wire)):
+        decoder.feed(wire[index:index + 1])
+    assert decoder.complete and bytes(received) == body
+
+
+def test_decoder_never_calls_a_chunked_body_cut_before_its_terminator_complete():
+    wire = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(b"abc" * 100, 64)
+    decoder = ResponseDecoder(lambda piece: None)
+    decoder.feed(wire[:-5])
+    decoder.feed_eof()
+    assert not decoder.complete
+
+
+def test_verify_names_a_receiver_whose_bytes_differ():
+    good = {"index": 0, "bytes": 3, "sha256": hashlib.sha256(b"abc").hexdigest(),
+            "complete": True, "error": None}
+    bad = dict(good, index=1, sha256=hashlib.sha256(b"abd").hexdigest())
+    with pytest.raises(IntegrityError, match="1/2 receivers wrong"):
+        verify([good, bad], 3, good["sha256"], "test")
+
+
+@pytest.fixture(scope="module")
+def dependencies():
+    try:
+        deps.ensure_curl()
+        deps.ensure_piping_server(os.path.join(REPO_ROOT, ".bench-cache"))
+        deps.ensure_nginx()
+    except deps.MissingDependency as exc:
+        pytest.skip(f"benchmark dependency unavailable: {exc}")
+
+
+def test_quick_bench_verifies_every_receiver_and_reports_every_row(dependencies, tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", "bench"),
+                           "--quick", "--repeat", "1", "--json", str(out)],
+                          cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=BENCH_TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    document = json.loads(out.read_text())
+    assert document["failures"] == []
+    rows = {(r["workload"], r["case"], r["metric"]): r for r in document["rows"]}
+    assert EXPECTED_ROWS <= set(rows)
+    for (workload, case, metric), row in rows.items():
+        names = {"throughput": PIPE_SERVERS + ("nginx",), "slow": PIPE_SERVERS + ("nginx",),
+                 "transmit": ("relayd copy", "relayd sendfile", "relayd auto")
+                 }.get(workload, PIPE_SERVERS)
+        for name in names:
+            assert isinstance(row["servers"][name], dict), (workload, case, metric, name)
+        if metric == "lines lost":
+            assert all(row["servers"][name]["median"] == 0 for name in names)
+        if metric == "not waiting":
+            assert all(row["servers"][name]["median"] == 0 for name in names)
+    assert "relayd/piping-server" in rows[("throughput", "N=50, 4 MiB", "GB/s")]["ratios"]
+    assert "== throughput" in done.stdout and "relayd/nginx" in done.stdout
