@@ -140,6 +140,14 @@ class Arena:
             os.pwrite(self.fd, mv[:first], base + off)
             os.pwrite(self.fd, mv[first:], base)
 
+    def writev(self, slot: int, position: int, buffers: list, length: int) -> bool:
+        """Gather-write buffers at position; False (nothing written) if they would wrap."""
+        off = position & self.mask
+        if off + length > self.capacity:
+            return False
+        os.pwritev(self.fd, buffers, self.ring_base(slot) + off)
+        return True
+
     def punch(self, slot: int, offset: int, length: int) -> None:
         """Give ring pages back to the kernel; sockets still sending them keep the old pages."""
         self.mm.madvise(mmap.MADV_REMOVE, self.ring_base(slot) + offset, length)

@@ -104,6 +104,9 @@ class SpillFile:
     def write(self, position: int, data) -> None:
         os.pwrite(self.fd, data, position)
 
+    def writev(self, position: int, buffers: list) -> None:
+        os.pwritev(self.fd, buffers, position)
+
     def release_below(self, position: int) -> None:
         """Every reader is past `position`: punch whole units below it, less the in-flight
         margin (see the module's docstring)."""

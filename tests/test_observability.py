@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -79,7 +80,14 @@ def test_health_answers_503_while_draining(start_relay, tmp_path):
     probe = raw_request(relay.port, b"GET /health HTTP/1.1\r\n")   # head not finished yet
     wait_for(lambda: relay.health()["workers"][0]["connections"] >= 3)
     relay.proc.send_signal(signal.SIGTERM)
-    wait_for(lambda: "graceful stop" in relay.stderr_text())
+
+    def worker_draining() -> bool:      # it closes its listener as it starts draining
+        try:
+            socket.create_connection(("127.0.0.1", relay.port), timeout=1).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+    wait_for(worker_draining, what="the worker draining")
     probe.sendall(b"Host: x\r\n\r\n")
     response = read_response(probe)
     assert response.startswith(b"HTTP/1.1 503"), response[:100]
