@@ -30,14 +30,15 @@ CLIENT_TIMEOUT_S = 60
 class Relay:
     """A running relayd: `url`, `port`, `stderr_text()`, `health()`."""
 
-    def __init__(self, tmp: Path, *args: str, workers: int = 1):
+    def __init__(self, tmp: Path, *args: str, workers: int = 1, env: dict | None = None):
         self.args = ["--host", "127.0.0.1", "--port", "0", "--workers", str(workers), *args]
         self.workers = workers
         self.stderr_path = tmp / f"relayd-{os.getpid()}-{time.monotonic_ns()}.err"
         self._stderr = open(self.stderr_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "relayd", *self.args],
-                                     stdout=subprocess.PIPE, stderr=self._stderr)
+                                     stdout=subprocess.PIPE, stderr=self._stderr, env=env)
         self.banner = self._read_banner()
+        self.banner_at = time.monotonic()
         self.url = URL_RE.search(self.banner).group().decode()
         self.port = int(self.url.rsplit(":", 1)[1])
 
@@ -76,17 +77,30 @@ class Relay:
                 raise AssertionError(f"relay not idle: {h}")
             time.sleep(0.05)
 
+    def exited(self, timeout: float) -> int | None:
+        """The exit status once the daemon exits within `timeout` s, else None."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, sig, timeout)
         self.proc.stdout.close()
         self._stderr.close()
         return self.proc.returncode
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+    """Signal a process we started (by its PID), SIGKILL it if it outlives `timeout`."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
 
 
 @pytest.fixture
@@ -94,8 +108,8 @@ def start_relay(tmp_path):
     """Factory: start_relay('--window', '512k', workers=2) -> Relay; stopped after the test."""
     started = []
 
-    def start(*args: str, workers: int = 1) -> Relay:
-        relay = Relay(tmp_path, *args, workers=workers)
+    def start(*args: str, workers: int = 1, env: dict | None = None) -> Relay:
+        relay = Relay(tmp_path, *args, workers=workers, env=env)
         started.append(relay)
         return relay
 

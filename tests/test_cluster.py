@@ -16,14 +16,9 @@ from pathlib import Path
 
 import httptools
 import pytest
-from conftest import (
-    curl_receiver,
-    curl_sender,
-    payload,
-    sha256_file,
-    wait_all,
-    wait_for,
-)
+
+from conftest import (curl_receiver, curl_sender, payload, sha256_file, stop_process, wait_all,
+                      wait_for)
 
 HAPROXY = shutil.which("haproxy")
 pytestmark = pytest.mark.skipif(
@@ -74,13 +69,7 @@ class Balancer:
             return False
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._stderr.close()
 
 

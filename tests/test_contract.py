@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import relayd
-from conftest import (curl_receiver, curl_sender, http, payload, raw_request, read_response,
+from conftest import (curl_receiver, curl_sender, http, payload, raw_request,
                       sha256_file, wait_all, wait_for, waiting_count)
 
 RECEIVERS_FIRST = "receivers-first"

@@ -7,7 +7,6 @@ datagram carries the sender's pid: systemd (NotifyAccess=main) accepts only the 
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import select
@@ -19,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -80,73 +78,21 @@ def notify_socket():
     shutil.rmtree(directory, ignore_errors=True)
 
 
-class NotifiedRelay:
-    """relayd as systemd would start it: NOTIFY_SOCKET (and any extra variables) set."""
-
-    def __init__(self, tmp: Path, notify_address: str, workers: int = 2, **env: str):
-        environ = dict(os.environ, NOTIFY_SOCKET=notify_address, **env)
-        for name in ("WATCHDOG_USEC", "WATCHDOG_PID"):
-            if name not in env:
-                environ.pop(name, None)
-        self.stderr_path = tmp / "relayd.err"
-        self._stderr = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relayd", "--host", "127.0.0.1", "--port", "0",
-             "--workers", str(workers)],
-            stdout=subprocess.PIPE, stderr=self._stderr, env=environ, cwd=REPO)
-        self.banner = self._read_banner()
-        self.banner_at = time.monotonic()
-        self.url = URL_RE.search(self.banner).group().decode()
-
-    def _read_banner(self) -> bytes:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        line = b""
-        while not line.endswith(b"\n"):
-            left = deadline - time.monotonic()
-            if left <= 0 or self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError(f"relayd did not start: {self.stderr_path.read_text()}")
-            ready, _, _ = select.select([self.proc.stdout], [], [], left)
-            if ready:
-                line += os.read(self.proc.stdout.fileno(), 1)
-        return line
-
-    def health(self) -> dict:
-        with urllib.request.urlopen(self.url + "/health", timeout=10) as r:
-            return json.loads(r.read())
-
-    def exited(self, timeout: float) -> int | None:
-        """The exit status once the daemon exits within `timeout` s, else None."""
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc.stdout.close()
-        self._stderr.close()
-        return self.proc.returncode
+def notified_env(notify_address: str, **env: str) -> dict:
+    """The environment systemd gives a Type=notify service (and any extra variables)."""
+    environ = dict(os.environ, NOTIFY_SOCKET=notify_address, **env)
+    for name in ("WATCHDOG_USEC", "WATCHDOG_PID"):
+        if name not in env:
+            environ.pop(name, None)
+    return environ
 
 
 @pytest.fixture
-def start_notified(tmp_path):
-    started = []
-
-    def start(notify_address: str, workers: int = 2, **env: str) -> NotifiedRelay:
-        relay = NotifiedRelay(tmp_path, notify_address, workers, **env)
-        started.append(relay)
-        return relay
-
-    yield start
-    for relay in started:
-        relay.stop()
+def start_notified(start_relay):
+    """relayd as systemd would start it: NOTIFY_SOCKET (and any extra variables) set."""
+    def start(notify_address: str, workers: int = 2, **env: str):
+        return start_relay(workers=workers, env=notified_env(notify_address, **env))
+    return start
 
 
 # -- relayd.systemd.notify on its own ---------------------------------------------------------

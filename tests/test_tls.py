@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (CURL, CLIENT_TIMEOUT_S, curl_receiver, curl_sender, payload,
-                      sha256_file, wait_all, wait_for, waiting_count)
+                      sha256_file, stop_process, wait_all, wait_for, waiting_count)
 
 HAPROXY = shutil.which("haproxy")
 OPENSSL = shutil.which("openssl")
@@ -86,13 +86,7 @@ class TlsFront:
         return auth.sign_url(auth.load_secrets(str(self.secret)), role, target, 600)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._log.close()
 
 

@@ -151,7 +151,6 @@ def test_receiver_leaving_mid_stream_does_not_disturb_the_others(relay, tmp_path
 
 
 def test_waiting_receiver_that_leaves_does_not_count_toward_n(relay, tmp_path):
-    url = f"{relay.url}/impatient?n=2"
     early = raw_request(relay.port, b"GET /impatient?n=2 HTTP/1.1\r\nHost: x\r\n\r\n")
     wait_for(lambda: waiting_count(relay) == 1)
     early.close()
