@@ -467,6 +467,10 @@ class Connection:
                 pass
         self.sock.close()
         self.fd = -1
+        # The parser holds this connection as its protocol: break the cycle so the pair is
+        # freed now, not at the collector's next full pass.
+        self.parser = None
+        self.stream = None
 
     # -- timers ----------------------------------------------------------------------------
     def _arm_timer(self, seconds: float, callback) -> None:

@@ -444,6 +444,7 @@ class Worker:
         """Once a second, not on the data path: stalled receivers, idle senders, and memory
         handed back after a crowd of connections left."""
         if self.conn_peak - len(self.conns) > TRIM_AFTER_CLOSED:
+            gc.collect()
             trim_heap()
             self.conn_peak = len(self.conns)
         now, c = self.loop.time(), self.config
