@@ -25,7 +25,10 @@ class SlotTable:
         self.arena = arena
         self.free = list(range(arena.slots - 1, -1, -1))
         self.gen = [0] * arena.slots
-        self.holders: dict[int, set[int]] = {}
+        # Who still holds each slot: ("sender", w) and ("receivers", w) count apart, because
+        # one worker may hold both, and its producer may finish (abort) while its receivers
+        # still send from the ring: the ring must not be punched under them.
+        self.holders: dict[int, set[tuple[str, int]]] = {}
 
     def assign(self, producer: int, receiver_workers: set[int]) -> tuple[int, int] | None:
         if not self.free:
@@ -46,15 +49,18 @@ class SlotTable:
             a.store(f.waiting(w), 0)
             a.store(f.file_cursor(w), ring.NONE)
         a.store(f.state, ring.STREAMING)
-        self.holders[slot] = {producer} | receiver_workers
+        self.holders[slot] = {("sender", producer)} | {("receivers", w)
+                                                       for w in receiver_workers}
         return slot, gen
 
-    def release(self, worker: int, slot: int, gen: int) -> bool:
-        """Worker is done with the slot; True when that freed it."""
+    def release(self, worker: int, slot: int, gen: int, role: str | None = None) -> bool:
+        """Worker is done with the slot in `role` (None: in every role, as when it died);
+        True when that freed it."""
         holders = self.holders.get(slot)
         if holders is None or self.gen[slot] != gen:
             return False
-        holders.discard(worker)
+        for r in ("sender", "receivers") if role is None else (role,):
+            holders.discard((r, worker))
         if holders:
             return False
         del self.holders[slot]
@@ -279,8 +285,8 @@ class Registry:
                    workers=",".join(f"w{w}:{c}" for w, c in sorted(by_worker.items())),
                    outcome=outcome)
 
-    def released(self, worker: int, slot: int, gen: int) -> None:
-        self.slots.release(worker, slot, gen)
+    def released(self, worker: int, slot: int, gen: int, role: str | None = None) -> None:
+        self.slots.release(worker, slot, gen, role)
 
     # -- faults ----------------------------------------------------------------------------
     def worker_died(self, worker: int) -> Outbox:
@@ -303,7 +309,7 @@ class Registry:
                 self.kick(pipe.sender[0])
             for conn in mine:
                 out += self.receiver_ended(worker, slot, gen, conn, ok=False)
-        for slot in [s for s, h in self.slots.holders.items() if worker in h]:
+        for slot in [s for s, h in self.slots.holders.items() if any(w == worker for _, w in h)]:
             self.slots.release(worker, slot, self.slots.gen[slot])
         return [(w, m) for w, m in out if w != worker]
 

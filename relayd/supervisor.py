@@ -374,8 +374,8 @@ class Supervisor:
     def msg_sender_lost(self, handle, slot, gen, reason, nbytes) -> None:
         self.send_all(self.registry.sender_lost(handle.index, slot, gen, reason, nbytes))
 
-    def msg_released(self, handle, slot, gen) -> None:
-        self.registry.released(handle.index, slot, gen)
+    def msg_released(self, handle, slot, gen, role) -> None:
+        self.registry.released(handle.index, slot, gen, role)
 
     def publish_stats(self) -> None:
         a, r = self.arena, self.registry

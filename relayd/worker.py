@@ -345,7 +345,7 @@ class Worker:
             for w in receiver_workers:
                 self.kick(w)
             self.report("sender_lost", slot, gen, "the sender left as the transfer started", 0)
-            self.report("released", slot, gen)
+            self.report("released", slot, gen, "sender")
             return
         stream = SenderStream(self, conn, slot, gen, mode, n, receiver_workers)
         self.senders[slot] = stream
@@ -380,12 +380,12 @@ class Worker:
     def drop_sender(self, stream: SenderStream) -> None:
         if self.senders.get(stream.slot) is stream:
             del self.senders[stream.slot]
-            self.report("released", stream.slot, stream.gen)
+            self.report("released", stream.slot, stream.gen, "sender")
 
     def drop_group(self, group: ReceiverGroup) -> None:
         if self.groups.get(group.slot) is group:
             del self.groups[group.slot]
-            self.report("released", group.slot, group.gen)
+            self.report("released", group.slot, group.gen, "receivers")
 
     # -- data plane wake-ups ---------------------------------------------------------------
     def kick(self, worker: int) -> None:

@@ -273,6 +273,19 @@ def test_released_by_every_holder_frees_the_slot(arena, registry, rec):
     assert arena.load(f.state) == ring.IDLE
 
 
+def test_a_worker_holding_sender_and_receivers_frees_the_slot_only_after_both(arena, registry):
+    """One worker's producer may abort and release while its receivers still send what was
+    published: the ring must not be punched (zeroed) under them."""
+    _, (slot, gen) = start_transfer(registry, b"/both", (0, 1), ((0, 2),))
+    f = ring.SlotFields(arena, slot)
+    registry.sender_lost(0, slot, gen, "test")
+    registry.released(0, slot, gen, "sender")
+    assert slot not in registry.slots.free and arena.load(f.state) != ring.IDLE
+    registry.receiver_ended(0, slot, gen, 2, ok=False)
+    registry.released(0, slot, gen, "receivers")
+    assert slot in registry.slots.free and arena.load(f.state) == ring.IDLE
+
+
 def test_a_freed_slot_takes_the_next_transfer_when_the_table_was_full(arena, registry):
     _, (slot1, gen1) = start_transfer(registry, b"/f1", (0, 1), ((1, 2),))
     start_transfer(registry, b"/f2", (0, 3), ((1, 4),))
@@ -295,7 +308,7 @@ def test_death_of_the_senders_worker_aborts_the_slot_and_kicks_receiver_workers(
     assert all(w != 0 for w, _ in out), "nothing may be sent to the dead worker"
     pipe = registry.pipes[b"/died"]
     assert pipe.state is PipeState.ABORTED
-    assert 0 not in registry.slots.holders[slot]
+    assert all(w != 0 for _, w in registry.slots.holders[slot])
 
     assert registry.receiver_ended(1, slot, gen, 2, ok=False) == []
     assert b"/died" not in registry.pipes

@@ -115,11 +115,13 @@ def test_slow_receiver_spills_while_fast_ones_finish_first_with_identical_bytes(
 
 @pytest.mark.parametrize("how", ["daemon", "per-pipe"])
 def test_drop_policy_cuts_the_receiver_past_the_spill_limit(start_relay, tmp_path, how):
-    args = ["--window", "512k", "--spill-limit", "2M", "--spill-dir", str(tmp_path)]
+    # A limit well above what a fast curl may lag on a loaded machine: only the slow one
+    # (1 MiB/s against a producer at line speed) gets that far behind.
+    args = ["--window", "512k", "--spill-limit", "6M", "--spill-dir", str(tmp_path)]
     args += ["--slow", "drop"] if how == "daemon" else ["--slow", "block"]
     relay = start_relay(*args, workers=2)
     query = "&slow=drop" if how == "per-pipe" else ""
-    src, outs, fast, slow, sender = run_pipe(relay, tmp_path, 12 << 20, rate=1 << 20,
+    src, outs, fast, slow, sender = run_pipe(relay, tmp_path, 20 << 20, rate=1 << 20,
                                              query=query)
     assert wait_all(fast) == [0] * 4
     assert [sha256_file(o) for o in outs] == [sha256_file(src)] * 4

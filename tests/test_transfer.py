@@ -123,7 +123,9 @@ def test_content_length_sender_that_stops_short_gives_receivers_a_short_body(rel
     wait_for(lambda: waiting_count(relay) == 1)
     s = raw_request(relay.port, b"PUT /short?n=2 HTTP/1.1\r\nHost: x\r\n"
                                 b"Content-Length: 1000000\r\n\r\n" + b"y" * 5000)
-    wait_for(lambda: relay.health()["pipes_streaming"] == 1, what="streaming")
+    progress = b""
+    while b"Start sending" not in progress:        # the worker has started the stream
+        progress += s.recv(4096)
     s.close()                 # the 5000 bytes sent are read before the relay sees the EOF
     codes = wait_all(receivers)
     assert codes == [18, 18], codes
