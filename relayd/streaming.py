@@ -208,8 +208,10 @@ class SenderStream:
         """Bytes writable at tail now; the cursors are re-read only when the cached limits
         say fewer than `need` (Disruptor style: W loads, not one per receiver)."""
         space = min(self.limit, self.punched_end, self.file_limit) - self.tail
-        if space >= need:
+        if space >= need and self.spill is None:
             return space
+        # While spilling, file cursors are re-read every time: a receiver that moves onto the
+        # file may lower the lowest file cursor below what the cached limit assumed.
         self._refresh_limits()
         space = min(self.limit, self.punched_end, self.file_limit) - self.tail
         if space < need and self.spill is None and not self.spill_failed:
@@ -540,8 +542,9 @@ class ReceiverGroup:
         file readers there whose socket is full: one merely not yet served this pass is not
         slow, it only waited for its turn."""
         drop_below = self.arena.load(self.f.drop_below)
-        for r in [r for r in self.receivers
-                  if r.in_file and r.blocked and r.cursor < drop_below]:
+        tail, limit = self.arena.load(self.f.tail), self.worker.config.spill_limit
+        for r in [r for r in self.receivers if r.in_file and r.blocked
+                  and r.cursor < drop_below and tail - r.cursor >= limit]:
             self._finish(r, ok=False)
 
     def _send(self, r: Receiver, tail: int) -> None:

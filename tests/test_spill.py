@@ -78,7 +78,8 @@ def spill_fds(relay, spill_dir) -> list[str]:
     return found
 
 
-def run_pipe(relay, tmp_path, size, fast=4, rate=2 << 20, path="/sp", query=""):
+def run_pipe(relay, tmp_path, size, fast=4, rate=2 << 20, path="/sp", query="",
+             sender_rate=None):
     src = payload(tmp_path, size)
     n = fast + 1
     url = f"{relay.url}{path}?n={n}{query}"
@@ -86,7 +87,8 @@ def run_pipe(relay, tmp_path, size, fast=4, rate=2 << 20, path="/sp", query=""):
     fast_procs = [curl_receiver(url, o) for o in outs]
     slow = ThrottledReader(relay.port, f"{path}?n={n}{query}", rate)
     wait_for(lambda: waiting_count(relay) == 1)
-    sender = curl_sender(url, src)
+    extra = ("--limit-rate", sender_rate) if sender_rate else ()
+    sender = curl_sender(url, src, *extra)
     return src, outs, fast_procs, slow, sender
 
 
@@ -121,8 +123,11 @@ def test_drop_policy_cuts_the_receiver_past_the_spill_limit(start_relay, tmp_pat
     args += ["--slow", "drop"] if how == "daemon" else ["--slow", "block"]
     relay = start_relay(*args, workers=2)
     query = "&slow=drop" if how == "per-pipe" else ""
+    # A producer (20 MB/s) slower than the fast receivers and faster than the slow one
+    # (1 MiB/s): with drop, whoever is slowest when the limit is reached is cut, so a producer
+    # outrunning every receiver would cut fast ones too.
     src, outs, fast, slow, sender = run_pipe(relay, tmp_path, 20 << 20, rate=1 << 20,
-                                             query=query)
+                                             query=query, sender_rate="20M")
     assert wait_all(fast) == [0] * 4
     assert [sha256_file(o) for o in outs] == [sha256_file(src)] * 4
     slow.join(60)
