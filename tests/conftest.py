@@ -218,13 +218,36 @@ def http(port: int, method: str, target: str, headers: dict | None = None,
     s = raw_request(port, ("\r\n".join(lines) + "\r\n\r\n").encode() + body)
     data = read_response(s)
     s.close()
+    return parse_head(data)
+
+
+def parse_head(data: bytes) -> tuple[int, dict, bytes]:
+    """(status, headers lowercased, what follows the head) of a raw response."""
     head, _, rest = data.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    hdrs = {}
-    for line in header_lines:
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
         k, _, v = line.partition(":")
-        hdrs[k.strip().lower()] = v.strip()
-    return int(status_line.split()[1]), hdrs, rest
+        headers[k.strip().lower()] = v.strip()
+    return int(status_line.split()[1]), headers, rest
+
+
+def read_until_closed(sock: socket.socket, timeout: float = 10) -> tuple[bytes, bool]:
+    """(everything until the peer closed, whether it closed within `timeout`)."""
+    sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    data = b""
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(1 << 20)
+        except ConnectionResetError:
+            return data, True
+        except socket.timeout:
+            return data, False
+        if not chunk:
+            return data, True
+        data += chunk
+    return data, False
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -18,6 +18,7 @@ import pytest
 
 import relayd
 from conftest import (curl_receiver, curl_sender, http, payload, raw_request,
+                      parse_head, read_until_closed,
                       sha256_file, wait_all, wait_for, waiting_count)
 
 RECEIVERS_FIRST = "receivers-first"
@@ -42,16 +43,6 @@ def parse_head_file(path: Path) -> tuple[int, dict]:
     return int(status_line.split()[1]), headers
 
 
-def parse_head(data: bytes) -> tuple[int, dict, bytes]:
-    head, _, rest = data.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines:
-        k, _, v = line.partition(":")
-        headers[k.strip().lower()] = v.strip()
-    return int(status_line.split()[1]), headers, rest
-
-
 def read_until(sock: socket.socket, marker: bytes, data: bytes = b"",
                timeout: float = 10) -> bytes:
     """Read until `marker` is in the data; each recv waits at most the socket's timeout."""
@@ -62,22 +53,6 @@ def read_until(sock: socket.socket, marker: bytes, data: bytes = b"",
         assert chunk, f"connection closed before {marker!r}: {data!r}"
         data += chunk
     return data
-
-
-def read_until_closed(sock: socket.socket, timeout: float = 10) -> tuple[bytes, bool]:
-    """(everything until the peer closed, whether it did close within timeout)."""
-    sock.settimeout(timeout)
-    data = b""
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            return data, True
-        except socket.timeout:
-            return data, False
-        if not chunk:
-            return data, True
-        data += chunk
 
 
 def read_one_response(sock: socket.socket, buffered: bytes = b"") -> tuple[int, dict, bytes,

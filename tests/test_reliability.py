@@ -33,6 +33,7 @@ import psutil
 import pytest
 
 from conftest import (curl_receiver, curl_sender, payload, raw_request, read_response,
+                      read_until_closed,
                       sha256_file, wait_all, wait_for, waiting_count)
 
 FEED_BYTES = 64 * 1024               # a slow sender writes this much ...
@@ -99,24 +100,6 @@ def daemon_fds(relay) -> int:
 def connections(relay) -> int:
     """Connections the workers hold, less the one answering this /health."""
     return sum(w["connections"] for w in health_retry(relay)["workers"]) - 1
-
-
-def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, bool]:
-    """Everything until the relay closes; (data, closed) where closed is False on timeout."""
-    sock.settimeout(timeout)
-    deadline = time.monotonic() + timeout
-    data = b""
-    while time.monotonic() < deadline:
-        try:
-            chunk = sock.recv(1 << 20)
-        except ConnectionResetError:
-            return data, True
-        except socket.timeout:
-            return data, False
-        if not chunk:
-            return data, True
-        data += chunk
-    return data, False
 
 
 def curl_transfer_works(relay, tmp_path: Path, path: str, n: int = 3,

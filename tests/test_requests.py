@@ -10,12 +10,12 @@ where the file says so. Afterwards a normal curl transfer on the same relay show
 from __future__ import annotations
 
 import socket
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import (Relay, curl_receiver, curl_sender, payload, sha256_file, wait_all,
+from conftest import (Relay, curl_receiver, curl_sender, payload, read_until_closed,
+                      sha256_file, wait_all,
                       wait_for, waiting_count)
 
 REQUESTS_DIR = Path(__file__).parent / "requests"
@@ -44,19 +44,7 @@ def send_raw(port: int, data: bytes) -> tuple[bytes, bool]:
             s.sendall(data)
         except (BrokenPipeError, ConnectionResetError):
             pass              # the relay may answer and close before a huge head is all sent
-        got = b""
-        deadline = time.monotonic() + READ_TIMEOUT_S
-        while time.monotonic() < deadline:
-            try:
-                chunk = s.recv(65536)
-            except ConnectionResetError:
-                return got, True
-            except socket.timeout:
-                return got, False
-            if not chunk:
-                return got, True
-            got += chunk
-        return got, False
+        return read_until_closed(s, READ_TIMEOUT_S)
     finally:
         s.close()
 
