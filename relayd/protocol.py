@@ -114,6 +114,7 @@ class Connection:
         self.stream = None               # streaming.SenderStream / Receiver once streaming
         self.requests = 0
         self.first_line: bytes | None = b""   # the connection's first request line, until seen
+        self.recent = b""                # the last 4 bytes read
         # lifetime: one request
         self.parser = httptools.HttpRequestParser(self)
         self._reset_request()
@@ -136,6 +137,8 @@ class Connection:
         self.chunked = False
         self.keep_alive = True
         self.pending_body: list[bytes] = []   # sender body bytes read with the head
+        self.chunk_seen = False               # the parser met a chunk size line
+        self.body_untouched = False           # a chunked body none of which came with the head
         self.slow: str | None = None          # the sender's ?slow=block|drop
         self.head_sent = False
 
@@ -161,7 +164,12 @@ class Connection:
         try:
             if self.first_line is not None:
                 self._check_first_line(data)
+            self.recent = (self.recent + data[-4:])[-4:]
             self.parser.feed_data(data)
+            if self.role == "sender" and self.chunked:
+                # Nothing read past the head: the body can pass through as it arrives.
+                self.body_untouched = (not self.chunk_seen and not self.message_done
+                                       and self.recent == b"\r\n\r\n")
             if not self.headers_done and self.head_bytes > (self.worker.config.max_uri_bytes
                                                            + self.worker.config.max_header_bytes):
                 raise HttpError(431, "the request head is too large")
@@ -231,6 +239,9 @@ class Connection:
                 self.stream.on_body(body)
             else:
                 self.pending_body.append(body)
+
+    def on_chunk_header(self) -> None:
+        self.chunk_seen = True
 
     def on_message_complete(self) -> None:
         if self.message_done and self.role is not None:

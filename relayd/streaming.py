@@ -2,8 +2,11 @@
 
 Theory of operation (DESIGN §3-§4):
 - The ring holds exactly the bytes every receiver socket sees. A Content-Length body is
-  received straight into the ring; a chunked body is parsed and each read's body pieces are
-  written as one fixed-width chunk `%08x\\r\\n<data>\\r\\n`; `0\\r\\n\\r\\n` ends it, only cleanly.
+  received straight into the ring; so is a chunked body whose first byte had not arrived with
+  the head: its framing is already the receivers' wire format, and chunked.py only checks the
+  size lines in place. A chunked body that came partly with the head goes through httptools
+  instead, each read's pieces written as one fixed-width chunk `%08x\\r\\n<data>\\r\\n`.
+  Either way `0\\r\\n\\r\\n` ends it, only cleanly.
 - The producer publishes `tail` once per pass (data first, then tail, then state), then kicks
   the eventfd of each receiver worker whose `waiting` flag is set. Writable space is bounded
   by the lowest published cursor + capacity, and in sendfile mode by the punched blocks.
@@ -28,6 +31,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from relayd import logs, ring, spill
+from relayd.chunked import MAX_LINE, ChunkScanner, MalformedChunk
 from relayd.protocol import response_head
 from relayd.spill import SpillFile
 
@@ -73,9 +77,15 @@ class SenderStream:
         self.pieces: list[bytes] = []
         self.message_done = False
         self.progress_at = worker.loop.time()
-        # A chunked body is read into one reused buffer (the parser copies the pieces out).
-        self.scratch = bytearray(CHUNK_READ) if self.chunked else None
-        self.scratch_view = memoryview(self.scratch) if self.chunked else None
+        # A chunked body none of which came with the head is received into the ring as it is
+        # (chunked.py). Otherwise httptools is mid-body: it parses the rest, from one reused
+        # buffer, and the pieces are framed again.
+        self.scanner = ChunkScanner() if conn.chunked and conn.body_untouched else None
+        parsed = self.chunked and self.scanner is None
+        if self.scanner is not None:
+            self.remaining = NO_LIMIT       # the scanner finds the end
+        self.scratch = bytearray(CHUNK_READ) if parsed else None
+        self.scratch_view = memoryview(self.scratch) if parsed else None
         # Spill (spill.py): lag beyond the window goes to a file once the window is full.
         c = worker.config
         self.slow = conn.slow or c.slow
@@ -131,7 +141,7 @@ class SenderStream:
                 self.pause()
                 break
             try:
-                if self.chunked:
+                if self.scratch is not None:
                     got = sock.recv_into(self.scratch, min(space - FRAME_OVERHEAD
                                                            - len(TERMINATOR), budget,
                                                            CHUNK_READ))
@@ -150,7 +160,7 @@ class SenderStream:
                 break
             budget -= got
             self.progress_at = self.worker.loop.time()
-            if self.chunked:
+            if self.scratch is not None:
                 try:
                     self.conn.parser.feed_data(data)
                 except httptools.HttpParserError:
@@ -160,16 +170,47 @@ class SenderStream:
                 self._frame_pieces()
                 if self.message_done:
                     self.end()
+                continue
+            # Received into the ring at tail.
+            if self.spill is not None:
+                self.spill.write(self.tail, self.arena.view[self.base + off:
+                                                            self.base + off + got])
+            if self.scanner is not None:
+                self._scan(off, got)
             else:
-                if self.spill is not None:
-                    self.spill.write(self.tail, self.arena.view[self.base + off:
-                                                                self.base + off + got])
                 self.tail += got
                 self.body_bytes += got
                 self.remaining -= got
                 if self.remaining == 0:
                     self.end()
         self.publish()
+
+    def _scan(self, off: int, got: int) -> None:
+        """Judge the chunked framing of `got` bytes just received at ring offset `off`."""
+        scanner, mm, start = self.scanner, self.arena.mm, self.base + off
+
+        def find_lf(i: int, j: int) -> int:
+            found = mm.find(b"\n", start + i, start + j)
+            return found - start if found >= 0 else -1
+
+        try:
+            scanner.feed(self.arena.view[start:start + got], find_lf)
+        except MalformedChunk as e:
+            self.tail = scanner.visible          # receivers never see the bad line
+            self.body_bytes = scanner.data_bytes
+            self.abort(f"the sender's chunked body is malformed: {e}")
+            return
+        self.tail += got
+        self.body_bytes = scanner.data_bytes
+        if scanner.done:
+            self.tail = scanner.visible          # the last chunk's line is rewritten plainly
+            self.end()
+
+    def visible(self) -> int:
+        """Ring bytes receivers may take: all received, but for a chunked size line or
+        trailer section still being judged."""
+        scanner = self.scanner
+        return self.tail if scanner is None or scanner.done else scanner.visible
 
     def _store(self, data) -> None:
         """Bytes at tail: into the ring and, once spilling, the spill file too."""
@@ -327,12 +368,13 @@ class SenderStream:
 
     # -- publishing ------------------------------------------------------------------------
     def publish(self) -> None:
-        if self.tail == self.published:
+        visible = self.visible()
+        if visible == self.published:
             return
         a, f = self.arena, self.f
         self._count_body()
-        self.published = self.tail
-        a.store(f.tail, self.tail)
+        self.published = visible
+        a.store(f.tail, visible)
         ring.fence()
         for w in self.receiver_workers:
             if a.load(f.waiting(w)):
@@ -345,8 +387,8 @@ class SenderStream:
     def _finish_state(self, state: int) -> None:
         a, f = self.arena, self.f
         self._count_body()
-        a.store(f.tail, self.tail)
-        self.published = self.tail
+        self.published = self.visible()
+        a.store(f.tail, self.published)
         a.store(f.state, state)
         ring.fence()
         for w in self.receiver_workers:
@@ -587,7 +629,7 @@ class ReceiverGroup:
             self._finish(r, ok=False)
 
     def _send_deframed(self, r: Receiver, tail: int) -> None:
-        """Strip the ring's fixed-width chunk framing for an HTTP/1.0 receiver (copy path)."""
+        """Strip the ring's chunk framing for an HTTP/1.0 receiver (copy path)."""
         a = self.arena
         while r.cursor < tail:
             if r.skip:
@@ -608,12 +650,17 @@ class ReceiverGroup:
                     self._block(r)
                     return
                 continue
-            head = self._peek(r.cursor, 10)      # frames are published whole
-            if head[1:3] == b"\r\n":             # the terminator "0\r\n\r\n"
+            # A size line is published whole: either the relay's fixed-width one or, for a
+            # body passed through, the sender's (extensions and all; the last one is plain).
+            line = self._peek(r.cursor, min(tail - r.cursor, 32))
+            if b"\n" not in line:
+                line = self._peek(r.cursor, min(tail - r.cursor, MAX_LINE))
+            size = int(line[:line.index(b"\n")].partition(b";")[0], 16)
+            if not size:
                 r.cursor += len(TERMINATOR)
                 continue
-            r.frame_left = int(head[:8], 16)
-            r.cursor += 10
+            r.frame_left = size
+            r.cursor += line.index(b"\n") + 1
 
     def _peek(self, position: int, length: int) -> bytes:
         off = position & self.mask
