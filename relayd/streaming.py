@@ -255,9 +255,21 @@ class SenderStream:
         # file may lower the lowest file cursor below what the cached limit assumed.
         self._refresh_limits()
         space = min(self.limit, self.punched_end, self.file_limit) - self.tail
-        if space < need and self.spill is None and not self.spill_failed:
+        if space < need and self.spill is None and not self.spill_failed and self._starved():
             self._start_spill()         # laggards move to the file; the ring's cursors rise
         return space
+
+    def _starved(self) -> bool:
+        """Whether a receiver waits for bytes the full window keeps from it. Only then does
+        spilling help anyone: when every receiver is behind (a lone receiver, or all slower
+        than the producer), the file would only add a write and a read per byte, and
+        holding the producer is what lossless relaying must do. A receiver worker that
+        starts waiting while the producer is held kicks it (ReceiverGroup._sleep)."""
+        a, f = self.arena, self.f
+        if self.n == 1 or self.published != self.visible():
+            return False        # unpublished bytes would feed a waiting receiver first
+        mark = self.published + 1           # "waiting at this tail" (ReceiverGroup._sleep)
+        return any(a.load(f.waiting(w)) == mark for w in self.receiver_workers)
 
     def _refresh_limits(self) -> None:
         a, f = self.arena, self.f
@@ -480,7 +492,7 @@ class ReceiverGroup:
         self.receivers: list[Receiver] = []
         self.published = 0
         self.published_file = ring.NONE
-        self.waiting = False
+        self.waiting = 0                # our waiting flag as published: 0, or tail + 1
         self.last_kicked_wake = 0
         self.last_kicked_file_wake = 0
         self.spill_fd = -1              # our own descriptor of the pipe's spill file
@@ -519,7 +531,7 @@ class ReceiverGroup:
     def on_kick(self) -> None:
         if self.waiting:
             self.arena.store(self.f.waiting(self.me), 0)
-            self.waiting = False
+            self.waiting = 0
         self.service()
 
     def service(self) -> None:
@@ -553,14 +565,9 @@ class ReceiverGroup:
             if not hungry:
                 if self.waiting:
                     a.store(f.waiting(self.me), 0)
-                    self.waiting = False
+                    self.waiting = 0
                 return
-            # Sleep protocol: flag, fence, re-check; sleep only if nothing moved.
-            if not self.waiting:
-                a.store(f.waiting(self.me), 1)
-                self.waiting = True
-                ring.fence()
-            if a.load(f.tail) == tail and a.load(f.state) == state:
+            if self._sleep(tail, state):
                 return
 
     def _use_spill(self, tail: int) -> None:
@@ -700,13 +707,23 @@ class ReceiverGroup:
             self.service()                    # it is done: the full pass finishes it
             return
         self._publish_moved(r, before, was_in_file)
-        # Caught up: the same sleep protocol as service() (flag, fence, re-check).
-        if not self.waiting:
-            a.store(f.waiting(self.me), 1)
-            self.waiting = True
-            ring.fence()
-        if a.load(f.tail) != tail or a.load(f.state) != state:
+        if not self._sleep(tail, state):
             self.service()
+
+    def _sleep(self, tail: int, state: int) -> bool:
+        """A receiver here is caught up. Sleep protocol: flag, fence, re-check; True when
+        nothing moved and the worker may sleep until a kick."""
+        a, f = self.arena, self.f
+        if self.waiting != tail + 1:
+            # The flag says where we wait (tail + 1, never 0): the producer tells a receiver
+            # starved at its tail from a flag it has not yet answered with a kick.
+            self.waiting = tail + 1
+            a.store(f.waiting(self.me), self.waiting)
+            ring.fence()
+            if a.load(f.wake_at) and not a.load(f.spill_active):
+                # The producer is held by a full window while we starve: it may spill now.
+                self.worker.kick(self.producer)
+        return a.load(f.tail) == tail and a.load(f.state) == state
 
     def _publish_moved(self, r: Receiver, before: int, was_in_file: bool) -> None:
         """Publish after one receiver moved from `before`: the lowest cursor can only have
