@@ -255,21 +255,12 @@ class SenderStream:
         # file may lower the lowest file cursor below what the cached limit assumed.
         self._refresh_limits()
         space = min(self.limit, self.punched_end, self.file_limit) - self.tail
-        if space < need and self.spill is None and not self.spill_failed and self._starved():
-            self._start_spill()         # laggards move to the file; the ring's cursors rise
+        if space < need and self.spill is None and not self.spill_failed and self.n > 1:
+            # Laggards move to the file; the ring's cursors rise. A lone receiver holds the
+            # producer instead: nobody would gain, and the file would add a write and a
+            # read per byte (at N = 1: 29% of worker time in pwrite, 26% in sendfile).
+            self._start_spill()
         return space
-
-    def _starved(self) -> bool:
-        """Whether a receiver waits for bytes the full window keeps from it. Only then does
-        spilling help anyone: when every receiver is behind (a lone receiver, or all slower
-        than the producer), the file would only add a write and a read per byte, and
-        holding the producer is what lossless relaying must do. A receiver worker that
-        starts waiting while the producer is held kicks it (ReceiverGroup._sleep)."""
-        a, f = self.arena, self.f
-        if self.n == 1 or self.published != self.visible():
-            return False        # unpublished bytes would feed a waiting receiver first
-        mark = self.published + 1           # "waiting at this tail" (ReceiverGroup._sleep)
-        return any(a.load(f.waiting(w)) == mark for w in self.receiver_workers)
 
     def _refresh_limits(self) -> None:
         a, f = self.arena, self.f
@@ -492,7 +483,7 @@ class ReceiverGroup:
         self.receivers: list[Receiver] = []
         self.published = 0
         self.published_file = ring.NONE
-        self.waiting = 0                # our waiting flag as published: 0, or tail + 1
+        self.waiting = False
         self.last_kicked_wake = 0
         self.last_kicked_file_wake = 0
         self.spill_fd = -1              # our own descriptor of the pipe's spill file
@@ -531,7 +522,7 @@ class ReceiverGroup:
     def on_kick(self) -> None:
         if self.waiting:
             self.arena.store(self.f.waiting(self.me), 0)
-            self.waiting = 0
+            self.waiting = False
         self.service()
 
     def service(self) -> None:
@@ -565,7 +556,7 @@ class ReceiverGroup:
             if not hungry:
                 if self.waiting:
                     a.store(f.waiting(self.me), 0)
-                    self.waiting = 0
+                    self.waiting = False
                 return
             if self._sleep(tail, state):
                 return
@@ -714,15 +705,10 @@ class ReceiverGroup:
         """A receiver here is caught up. Sleep protocol: flag, fence, re-check; True when
         nothing moved and the worker may sleep until a kick."""
         a, f = self.arena, self.f
-        if self.waiting != tail + 1:
-            # The flag says where we wait (tail + 1, never 0): the producer tells a receiver
-            # starved at its tail from a flag it has not yet answered with a kick.
-            self.waiting = tail + 1
-            a.store(f.waiting(self.me), self.waiting)
+        if not self.waiting:
+            a.store(f.waiting(self.me), 1)
+            self.waiting = True
             ring.fence()
-            if a.load(f.wake_at) and not a.load(f.spill_active):
-                # The producer is held by a full window while we starve: it may spill now.
-                self.worker.kick(self.producer)
         return a.load(f.tail) == tail and a.load(f.state) == state
 
     def _publish_moved(self, r: Receiver, before: int, was_in_file: bool) -> None:
