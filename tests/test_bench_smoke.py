@@ -99,3 +99,17 @@ def test_quick_bench_verifies_every_receiver_and_reports_every_row(dependencies,
             assert all(row["servers"][name]["median"] == 0 for name in names)
     assert "relayd/piping-server" in rows[("throughput", "N=50, 4 MiB", "GB/s")]["ratios"]
     assert "== throughput" in done.stdout and "relayd/nginx" in done.stdout
+
+
+def test_compare_relayd_runs_each_option_set_and_reports_it():
+    """scripts/compare_relayd.py: every set runs the verified throughput workload; a set
+    relayd refuses fails the invocation instead of being reported."""
+    script = os.path.join(REPO_ROOT, "scripts", "compare_relayd.py")
+    ok = subprocess.run([sys.executable, script, "--n", "3", "--mib", "1", "--repeat", "1",
+                         "", "--window 1M"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    summary = ok.stdout.split("medians of 1\n")[1].splitlines()
+    assert [line.split("  ")[0].strip() for line in summary] == ["(defaults)", "--window 1M"]
+    bad = subprocess.run([sys.executable, script, "--n", "3", "--mib", "1", "--repeat", "1",
+                          "--window 3M"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "medians" not in bad.stdout
