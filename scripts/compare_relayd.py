@@ -4,11 +4,12 @@
     scripts/compare_relayd.py --n 50 --mib 64 --repeat 4 "" "--spill-dir /dev/shm"
 
 Each positional argument is one set of extra relayd options ("" = the defaults). Every set
-gets its own relayd (2 workers unless --workers), started once; each repeat runs the
-throughput workload of scripts/bench on every set in turn (1 `curl -T -` producer, N
-receivers in one Python process, sha256 of every receiver checked), so noise hits all sets
-alike. Prints median GB/s and server CPU-seconds per delivered GB, min–max, and the ratio
-of each set to the first. The question-sized companion of scripts/bench: no peers.
+gets its own relayd (one worker per CPU unless --workers), started once; each repeat runs
+the throughput workload of scripts/bench on every set in turn, each run once every relayd
+is idle (1 `curl -T -` producer, N receivers in one Python process, sha256 of every
+receiver checked), so noise hits all sets alike. Prints median GB/s and server CPU-seconds
+per delivered GB, min–max, and the ratio of each set to the first. The question-sized
+companion of scripts/bench: no peers.
 """
 from __future__ import annotations
 
@@ -19,24 +20,11 @@ import shlex
 import statistics
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_lib import payload, servers, workloads  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class OptionsRelayd(servers.RelaydServer):
-    """relayd with extra command-line options."""
-
-    def __init__(self, workdir, workers, options):
-        self.options = shlex.split(options)
-        super().__init__(workdir, REPO, workers, label="relayd")   # the label names its log
-        self.name = options or "(defaults)"
-
-    def argv(self):
-        return super().argv() + self.options
 
 
 def ratio(value: float, base: float) -> str:
@@ -54,11 +42,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="compare-relayd-") as work, \
             contextlib.ExitStack() as stack:
         data = payload.PayloadCache(work).get(args.mib << 20)
-        relays = [stack.enter_context(OptionsRelayd(work, args.workers, o)) for o in args.options]
+        relays = [stack.enter_context(servers.RelaydServer(
+            work, REPO, args.workers, label=o or "(defaults)", options=shlex.split(o)))
+            for o in args.options]
         runs = {r.name: [] for r in relays}
         for repeat in range(args.repeat):
             for relay in relays:
-                time.sleep(1)       # the previous run's sockets close before this one starts
+                servers.settle(relays)
                 figures = workloads.run_throughput(relay, data, args.n)
                 runs[relay.name].append(figures)
                 print(f"run {repeat + 1} {relay.name}: {figures['GB/s']:.3f} GB/s, "

@@ -22,6 +22,8 @@ from bench_lib.lifetime import die_with_parent
 START_TIMEOUT_S = 20
 STOP_GRACE_S = 10
 RELAYD_URL = re.compile(r"http://[0-9.]+:[0-9]+")
+SETTLE_QUIET_S = 0.3       # before each run: every server idle this long ...
+SETTLE_MAX_S = 5.0         # ... or this much waiting at most
 
 
 class ServerError(RuntimeError):
@@ -57,6 +59,19 @@ def tail(path, limit=800):
         return ""
 
 
+def settle(live):
+    """Wait (at most SETTLE_MAX_S) until no server in `live` has used more than 2% of a core
+    over SETTLE_QUIET_S: a server still closing the previous run's sockets or collecting
+    garbage would otherwise take cores from whichever server runs next."""
+    deadline = time.monotonic() + SETTLE_MAX_S
+    while time.monotonic() < deadline:
+        before = [s.cpu_seconds() for s in live]
+        time.sleep(SETTLE_QUIET_S)
+        used = [s.cpu_seconds() - b for s, b in zip(live, before)]
+        if all(u <= 0.02 * SETTLE_QUIET_S for u in used):
+            return
+
+
 class Server:
     """Base: a process group we started, its URL, and measurements of its process tree."""
 
@@ -68,7 +83,8 @@ class Server:
         self.process = None
         self.host = "127.0.0.1"
         self.port = None
-        self.log_path = os.path.join(workdir, f"{self.name}-{id(self)}.log")
+        safe_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.name)    # a label may hold "/"
+        self.log_path = os.path.join(workdir, f"{safe_name}-{id(self)}.log")
 
     def __enter__(self):
         self.start()
@@ -130,11 +146,13 @@ class Server:
 class RelaydServer(Server):
     """python -m relayd: the supervisor prints its URL as the first stdout line."""
 
-    def __init__(self, workdir, repo_root, workers, transmit="auto", window=None, label=None):
+    def __init__(self, workdir, repo_root, workers, transmit="auto", window=None, label=None,
+                 options=()):
         self.repo_root = repo_root
         self.workers = workers
         self.transmit = transmit
         self.window = window
+        self.options = list(options)        # more relayd flags, last (so they win)
         self.name = label or "relayd"
         super().__init__(workdir)
 
@@ -143,7 +161,7 @@ class RelaydServer(Server):
                 "--workers", str(self.workers), "--transmit", self.transmit]
         if self.window:
             argv += ["--window", str(self.window)]
-        return argv
+        return argv + self.options
 
     def start(self):
         env = dict(os.environ, PYTHONPATH=self.repo_root, PYTHONUNBUFFERED="1")
