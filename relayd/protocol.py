@@ -368,6 +368,7 @@ class Connection:
     def reply(self, status: int, body: bytes, content_type: bytes = b"text/plain; charset=utf-8",
               close: bool = True, extra: bytes = b"", head_only: bool = False) -> None:
         self.worker.access(self, status)
+        close = close or self.worker.retiring or self.worker.draining   # no new keep-alive
         self.write(simple_response(status, body, content_type, close, extra, head_only))
         if close:
             self.close_gracefully()

@@ -7,7 +7,16 @@ that exits with EXIT_BOOT_FAILURE halts the daemon instead of respawning forever
 binds its own SO_REUSEPORT listener after fork (connections then spread evenly); the
 supervisor keeps one bound, non-listening socket so the port stays reserved, and no copy of
 the workers' listeners (a dead worker's socket left open would stall its share).
-Every control message is handled in its own try: a bad message aborts that pipe only.
+Every control message, signal handler and loop step runs in its own try: an exception is
+logged with what was being done, and the supervisor keeps serving (a supervisor that exits
+takes every worker and transfer with it).
+
+Reload (SIGHUP), as nginx does it: a new generation of workers starts; once all of it
+listens, the old generation is told to retire: it stops accepting but keeps its waiting
+parties (still registered, still matched with parties that arrive at the new workers) and
+its transfers, and exits when the last one ends. Worker indexes are bounded (2W, made before
+the first fork); a SIGHUP that finds no room for a whole new generation is queued, and every
+further one coalesces into it, until an old generation has retired.
 """
 from __future__ import annotations
 
@@ -78,6 +87,8 @@ class Supervisor:
         self.watchdog_s = (int(usec) / 1e6 if usec.isdigit() and (not pid or pid == str(self.pid))
                            else 0.0)
         self.watchdog_next = 0.0
+        self.reload_pending = False
+        self.reload_queued_logged = False
 
     # -- setup -----------------------------------------------------------------------------
     def reserve_port(self) -> None:
@@ -145,41 +156,52 @@ class Supervisor:
     # -- main loop -------------------------------------------------------------------------
     def run(self) -> int:
         self.setup()
-        for _ in range(self.config.workers):
-            self.spawn_worker()
+        for index in range(self.config.workers):
+            self.spawn_worker(index)
         while True:
-            timeout = self.next_timeout()
-            for key, events in self.selector.select(timeout):
-                if key.data is None:
-                    try:
-                        os.read(self.wakeup_r, 4096)
-                    except BlockingIOError:
-                        pass
-                else:
-                    self.on_control(key.data, events)
+            self.guarded("waiting for events", self.wait_for_events)
             while self.signals:
-                sig = self.signals.pop(0)
-                getattr(self, "handle_" + signal.Signals(sig).name[3:].lower())()
-            self.reap_workers()
-            now = time.monotonic()
-            self.send_all(self.registry.expire(now))
-            self.publish_stats()
-            self.check_heartbeats()
-            self.feed_watchdog()
+                name = signal.Signals(self.signals.pop(0)).name
+                self.guarded(f"handling {name}", getattr(self, "handle_" + name[3:].lower()))
+            self.guarded("reaping workers", self.reap_workers)
+            self.guarded("expiring pipes",
+                         lambda: self.send_all(self.registry.expire(time.monotonic())))
+            self.guarded("publishing stats", self.publish_stats)
+            self.guarded("checking heartbeats", self.check_heartbeats)
+            self.guarded("feeding the watchdog", self.feed_watchdog)
             if self.stopping:
                 if not self.workers:
                     break
-                if now > self.stop_deadline:
+                if time.monotonic() > self.stop_deadline:
                     for w in self.workers.values():
                         self._signal(w, signal.SIGKILL)
-            elif self.respawn_at and now >= self.respawn_at:
+                continue
+            if self.respawn_at and time.monotonic() >= self.respawn_at:
                 self.respawn_at = 0.0
-                while len([w for w in self.workers.values() if not w.retiring]) \
-                        < self.config.workers:
-                    self.spawn_worker()
+                self.guarded("respawning workers", self.respawn)
+            if self.reload_pending:
+                self.guarded("reloading", self.reload)
         systemd.notify("STOPPING=1")
         log("stopped")
         return self.exit_code
+
+    def guarded(self, doing: str, step) -> None:
+        """Run one step of the loop; an exception is logged, never the supervisor's end."""
+        try:
+            step()
+        except Exception:
+            log(f"supervisor error while {doing} (still serving): "
+                + traceback.format_exc().strip().replace("\n", " | "))
+
+    def wait_for_events(self) -> None:
+        for key, events in self.selector.select(self.next_timeout()):
+            if key.data is None:
+                try:
+                    os.read(self.wakeup_r, 4096)
+                except BlockingIOError:
+                    pass
+            else:
+                self.on_control(key.data, events)
 
     def next_timeout(self) -> float:
         deadlines = [1.0]
@@ -193,15 +215,23 @@ class Supervisor:
         return max(0.0, min(deadlines))
 
     # -- workers ---------------------------------------------------------------------------
-    def free_index(self) -> int:
-        used = set(self.workers)
-        for i in range(self.config.worker_slots):
-            if i not in used:
-                return i
-        raise RuntimeError("no free worker index")
+    def free_indexes(self) -> list[int]:
+        """Worker indexes (each with its eventfd and arena lines) no live worker holds."""
+        return [i for i in range(self.config.worker_slots) if i not in self.workers]
 
-    def spawn_worker(self) -> None:
-        index = self.free_index()
+    def active(self) -> list[WorkerHandle]:
+        return [w for w in self.workers.values() if not w.retiring]
+
+    def respawn(self) -> None:
+        """Bring the serving generation back to --workers after a death."""
+        missing = self.config.workers - len(self.active())
+        for index in self.free_indexes()[:max(0, missing)]:
+            self.spawn_worker(index)
+        if len(self.active()) < self.config.workers:
+            # Every index is held (a retiring generation): try again when one is reaped.
+            self.respawn_at = time.monotonic() + max(self.backoff_s, 0.1)
+
+    def spawn_worker(self, index: int) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:
@@ -241,6 +271,8 @@ class Supervisor:
             code = os.waitstatus_to_exitcode(status)
             self.worker_gone(handle)
             if self.stopping or handle.retiring:
+                if handle.retiring and not self.stopping:
+                    log(f"worker {handle.index} (pid {pid}) retired")
                 continue
             log(f"worker {handle.index} (pid {pid}) exited with {code}; respawning")
             if code == EXIT_BOOT_FAILURE:
@@ -353,7 +385,7 @@ class Supervisor:
             for w in self.workers.values():
                 if w.retiring and not w.told_to_retire:
                     w.told_to_retire = True
-                    self._signal(w, signal.SIGTERM)
+                    self.send_all([(w.index, ("retire",))])
         if not self.announced and sum(w.ready for w in self.workers.values()) \
                 >= self.config.workers:
             self.announced = True
@@ -438,6 +470,23 @@ class Supervisor:
         """Reload: start fresh workers first (the port never closes), then retire the old."""
         if self.stopping:
             return
+        if self.reload_pending:
+            log("SIGHUP: a reload is already queued; this one joins it")
+            return
+        self.reload_pending = True
+        self.reload()
+
+    def reload(self) -> None:
+        """Start a new generation if there is room for all of it; else stay queued."""
+        free = self.free_indexes()
+        if len(free) < self.config.workers:
+            if not self.reload_queued_logged:
+                self.reload_queued_logged = True
+                retiring = sum(w.retiring for w in self.workers.values())
+                log(f"SIGHUP: reload queued until a retiring generation ends "
+                    f"({retiring} worker(s) still finishing their transfers)")
+            return
+        self.reload_pending = self.reload_queued_logged = False
         if self.config.secret_file:     # new workers read it: refuse a broken one now
             from relayd.auth import Authorizer
             try:
@@ -446,11 +495,10 @@ class Supervisor:
                 log(f"SIGHUP ignored: --secret-file {self.config.secret_file}: {e}")
                 return
         log("SIGHUP: reloading workers")
-        old = [w for w in self.workers.values() if not w.retiring]
-        for w in old:
+        for w in self.active():
             w.retiring = True
-        for _ in range(self.config.workers):
-            self.spawn_worker()
+        for index in free[:self.config.workers]:
+            self.spawn_worker(index)
 
     def handle_chld(self) -> None:
         pass    # reap_workers runs after every loop pass

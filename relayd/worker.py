@@ -98,7 +98,8 @@ class Worker:
         self.outbox: list[bytes] = []
         self.stats = WorkerStats()
         self.rejections: dict[int, int] = {}
-        self.draining = False
+        self.draining = False           # SIGTERM: waiting parties are told 503, then exit
+        self.retiring = False           # reload: stop accepting, exit when the last pipe ends
         self.started = time.time()
         self.auth = None
         # Spill budget: the daemon's, split evenly between the workers.
@@ -162,11 +163,23 @@ class Worker:
         self.loop.call_later(self.config.graceful_timeout_s, self.abort_all)
         self.exit_when_idle()
 
+    def on_retire(self) -> None:
+        """Reload: a new generation listens. Stop accepting and close idle keep-alive
+        connections, but keep waiting parties (the registry still matches them with parties
+        at the new workers) and transfers; exit when the last one has ended."""
+        if self.retiring or self.draining:
+            return
+        self.retiring = True
+        self.stop_accepting()
+        for conn in list(self.conns.values()):
+            if conn.phase == Connection.HEAD and conn.requests and conn.head_bytes == 0:
+                conn.close()
+        self.exit_when_idle()
+
     def exit_when_idle(self) -> None:
-        if not self.senders and not self.groups and not self.conns:
-            self.loop.stop()
-        else:
-            self.loop.call_later(0.05, self.exit_when_idle)
+        """Called whenever a connection or a stream goes: stop once nothing is left."""
+        if (self.retiring or self.draining) and not (self.senders or self.groups or self.conns):
+            self.loop.call_soon(self.loop.stop)
 
     def abort_all(self) -> None:
         for stream in list(self.senders.values()):
@@ -222,6 +235,7 @@ class Worker:
                 self.epoll.unregister(conn.fd)
             except OSError:
                 pass
+        self.exit_when_idle()
 
     # -- rendezvous (control plane) --------------------------------------------------------
     def join_pipe(self, conn: Connection, info: dict) -> None:
@@ -381,11 +395,13 @@ class Worker:
         if self.senders.get(stream.slot) is stream:
             del self.senders[stream.slot]
             self.report("released", stream.slot, stream.gen, "sender")
+            self.exit_when_idle()
 
     def drop_group(self, group: ReceiverGroup) -> None:
         if self.groups.get(group.slot) is group:
             del self.groups[group.slot]
             self.report("released", group.slot, group.gen, "receivers")
+            self.exit_when_idle()
 
     # -- data plane wake-ups ---------------------------------------------------------------
     def kick(self, worker: int) -> None:

@@ -24,21 +24,16 @@ import re
 import resource
 import signal
 import socket
-import subprocess
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import (curl_receiver, curl_sender, payload, raw_request, read_response,
-                      read_until_closed,
-                      sha256_file, wait_all, wait_for, waiting_count)
+from conftest import (MIB, SlowTransfer, curl_receiver, curl_sender, curl_transfer_works, health_retry,
+                      payload, raw_request, read_response, read_until_closed, sha256_file,
+                      start_slow_transfer, wait_all, wait_for, waiting_count)
 
-FEED_BYTES = 64 * 1024               # a slow sender writes this much ...
-FEED_PAUSE_S = 0.02                  # ... every 20 ms
-MIB = 1 << 20
 LOG_RE = re.compile(r"relayd: transfer path='(?P<path>[^']*)' n=(?P<n>\d+) bytes=(?P<bytes>\d+) "
                     r"seconds=\S+ transmit=\S+ receivers_done=(?P<done>\d+) "
                     r"receivers_lost=(?P<lost>\d+) sender=w(?P<sender>\d+) "
@@ -58,18 +53,6 @@ def transfer_logs(relay) -> dict[str, dict]:
             d[k] = int(d[k])
         found[d["path"]] = d
     return found
-
-
-def health_retry(relay, timeout: float = 15) -> dict:
-    """/health, retried: a connection can land in a dying worker's queue and be reset."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return relay.health()
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def daemon_processes(relay) -> list[psutil.Process]:
@@ -100,83 +83,6 @@ def daemon_fds(relay) -> int:
 def connections(relay) -> int:
     """Connections the workers hold, less the one answering this /health."""
     return sum(w["connections"] for w in health_retry(relay)["workers"]) - 1
-
-
-def curl_transfer_works(relay, tmp_path: Path, path: str, n: int = 3,
-                        size: int = 300_000) -> None:
-    """A fresh curl transfer, receivers first; every receiver's sha256 is the sender's."""
-    src = payload(tmp_path, size, f"{path.strip('/')}.src", seed=size)
-    url = f"{relay.url}{path}?n={n}"
-    outs = [tmp_path / f"{path.strip('/')}-{i}.out" for i in range(n)]
-    receivers = [curl_receiver(url, o) for o in outs]
-    sender = curl_sender(url, src)
-    codes = wait_all([sender, *receivers])
-    assert codes == [0] * (n + 1), (codes, sender.stdout.read())
-    assert [sha256_file(o) for o in outs] == [sha256_file(src)] * n
-
-
-class SlowTransfer:
-    """A chunked curl sender (`curl -T -`) fed from a thread, FEED_BYTES every FEED_PAUSE_S,
-    and n curl receivers. Feeding stops at `pause_at` bytes until `release()`."""
-
-    def __init__(self, relay, tmp_path: Path, path: str, n: int, size: int,
-                 pause_at: int | None = None, seed: int = 0, max_time: int = 60):
-        self.data = random.Random(seed).randbytes(size)
-        self.sha = hashlib.sha256(self.data).hexdigest()
-        self.url = f"{relay.url}{path}?n={n}"
-        self.path = path
-        self.outs = [tmp_path / f"{path.strip('/')}-{i}.out" for i in range(n)]
-        limit = ("--max-time", str(max_time))
-        self.receivers = [curl_receiver(self.url, o, *limit) for o in self.outs]
-        self.sender = curl_sender(self.url, None, *limit, stdin=subprocess.PIPE)
-        self.pause_at = pause_at
-        self.paused = threading.Event()
-        self.go = threading.Event()
-        self.broken = False
-        self.thread = threading.Thread(target=self._feed, daemon=True)
-        self.thread.start()
-
-    def _feed(self) -> None:
-        pos = 0
-        try:
-            while pos < len(self.data):
-                if self.pause_at is not None and pos >= self.pause_at and not self.go.is_set():
-                    self.paused.set()
-                    self.go.wait(120)
-                self.sender.stdin.write(self.data[pos:pos + FEED_BYTES])
-                self.sender.stdin.flush()
-                pos += FEED_BYTES
-                time.sleep(FEED_PAUSE_S)
-        except OSError:              # curl died (its relay connection was cut): stop feeding
-            self.broken = True
-        finally:
-            try:
-                self.sender.stdin.close()
-            except OSError:
-                pass
-
-    def release(self) -> None:
-        self.go.set()
-
-    def wait(self, timeout: float = 70) -> tuple[int, list]:
-        """(sender exit code, [receiver exit codes])."""
-        self.release()
-        codes = wait_all([self.sender, *self.receivers], timeout)
-        self.thread.join(10)
-        return codes[0], codes[1:]
-
-    def receiver_shas(self) -> list[str]:
-        return [sha256_file(o) if o.exists() else "" for o in self.outs]
-
-
-def start_slow_transfer(relay, tmp_path, path, n=2, size=2 * MIB, pause_at=512 * 1024,
-                        seed=0, max_time=60) -> SlowTransfer:
-    """A slow transfer that is streaming and paused at `pause_at` bytes when this returns."""
-    t = SlowTransfer(relay, tmp_path, path, n, size, pause_at, seed, max_time)
-    wait_for(lambda: health_retry(relay)["pipes_streaming"] >= 1, timeout=20,
-             what=f"{path} streaming")
-    assert t.paused.wait(20), "the feeder never reached its pause point"
-    return t
 
 
 # -- slow clients and timeouts ----------------------------------------------------------------
