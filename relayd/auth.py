@@ -69,13 +69,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 
-try:
-    import tomllib
-except ImportError:                      # Python 3.10
-    try:
-        import tomli as tomllib          # type: ignore[no-redef]
-    except ImportError:
-        tomllib = None                   # type: ignore[assignment]
+import tomllib
 
 from relayd import logs
 from relayd.config import MAX_RECEIVERS
@@ -111,8 +105,6 @@ class Secrets:
 
 def load_secrets(path: str) -> Secrets:
     """The parsed secret file; OSError if unreadable, ValueError if unsafe or malformed."""
-    if tomllib is None:
-        raise ValueError("reading the secret file needs Python 3.11 (tomllib) or tomli")
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         mode = os.fstat(fd).st_mode

@@ -3,11 +3,11 @@
 #   1. a venv under $RELAYD_PREFIX (default /opt/relayd) with this checkout pip-installed in it,
 #   2. scripts/relayd.service -> $SYSTEMD_DIR/relayd.service (default /etc/systemd/system),
 #   3. systemctl daemon-reload && systemctl enable --now relayd (only where systemd runs).
-# Re-running upgrades in place; `systemctl reload relayd` (SIGHUP) or `restart` picks it up.
+# Re-running upgrades in place; `systemctl restart relayd` runs the new code (a reload does not).
 #
 #   sudo scripts/install.sh            install, enable and start
 #   scripts/install.sh --dry-run       print the steps, change nothing
-# Environment: RELAYD_PREFIX, SYSTEMD_DIR, PYTHON (default python3; needs 3.10+).
+# Environment: RELAYD_PREFIX, SYSTEMD_DIR, PYTHON (default python3; needs 3.11+).
 set -euo pipefail
 
 usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -38,8 +38,8 @@ step() {   # print a step; run it unless --dry-run
 [ -f "$unit_src" ] || { echo "install.sh: missing $unit_src" >&2; exit 1; }
 if [ "$dry_run" = 0 ]; then
     command -v "$python" >/dev/null || { echo "install.sh: $python not found" >&2; exit 1; }
-    "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
-        || { echo "install.sh: relayd needs Python 3.10 or newer ($python)" >&2; exit 1; }
+    "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+        || { echo "install.sh: relayd needs Python 3.11 or newer ($python)" >&2; exit 1; }
     [ "$(uname -m)" = x86_64 ] || { echo "install.sh: relayd runs on x86-64 only" >&2; exit 1; }
 fi
 
