@@ -13,7 +13,7 @@ from relayd.config import (LOG_FORMATS, SLOW_POLICIES, TRANSMIT_MODES, Config, C
 
 SUBCOMMANDS = {
     # name: (module, what it does) -- each module has main(argv) -> exit status
-    "sign": ("relayd.auth", "print a signed send or receive URL"),
+    "sign": ("relayd.sign", "print a signed send or receive URL"),
     "forward": ("relayd.forward", "relay a pipe of this node into a pipe of another"),
 }
 

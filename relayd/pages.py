@@ -10,11 +10,11 @@ from __future__ import annotations
 import html
 
 from relayd import __version__
+from relayd.http import RESERVED_PATHS
 
 # Only this origin: inline code, and fetch/XHR to the relay itself (downloads are blob: links).
 CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
        "connect-src 'self'; img-src 'self' data: blob:; base-uri 'none'; form-action 'none'")
-RESERVED_PATHS = ("/", "/help", "/version", "/health", "/metrics", "/favicon.ico", "/robots.txt")
 
 
 def help_text(host: bytes) -> bytes:
@@ -47,7 +47,7 @@ def index_page(host: bytes) -> bytes:
     usage = html.escape(help_text(host).decode("latin-1"))
     return (_PAGE.replace("@@CSP@@", CSP)
                  .replace("@@VERSION@@", html.escape(__version__))
-                 .replace("@@RESERVED@@", " ".join(RESERVED_PATHS))
+                 .replace("@@RESERVED@@", " ".join(p.decode() for p in sorted(RESERVED_PATHS)))
                  .replace("@@USAGE@@", usage)).encode()
 
 

@@ -4,18 +4,21 @@ Workers report connection events (join, leave, a receiver's end, the body's end,
 every method here returns the messages to send as a list of (worker index, message). The
 registry never does I/O itself, apart from initialising and punching ring slots in the arena,
 so a transfer's start cannot race a producer past a receiver that has not published a cursor
-(DESIGN §3: the slot is initialised before any `start` is sent).
+(DESIGN §3: the slot is initialised before any start message is sent). What happens to a
+pipe follows from its state machine (pipe.py): the registry applies a fact, lets the pipe
+settle, and acts on where it landed.
 """
 from __future__ import annotations
 
 import time
 from typing import Callable
 
-from relayd import logs, ring
+from relayd import control, logs, ring
 from relayd.config import Config
+from relayd.control import Outcome, SenderInfo
 from relayd.pipe import Event, Party, Pipe, PipeState
 
-Outbox = list  # [(worker index, message tuple)]
+Outbox = list  # [(worker index, message)]
 
 
 class SlotTable:
@@ -36,19 +39,7 @@ class SlotTable:
         slot = self.free.pop()
         self.gen[slot] += 1
         gen = self.gen[slot]
-        a, f = self.arena, ring.SlotFields(self.arena, slot)
-        a.store(f.gen, gen)
-        a.store(f.tail, 0)
-        a.store(f.wake_at, 0)
-        a.store(f.producer, producer)
-        for field in (f.spill_active, f.spill_start, f.spill_fd, f.spill_pid, f.file_wake_at,
-                      f.drop_below):
-            a.store(field, 0)
-        for w in range(a.worker_slots):
-            a.store(f.cursor(w), 0 if w in receiver_workers else ring.NONE)
-            a.store(f.waiting(w), 0)
-            a.store(f.file_cursor(w), ring.NONE)
-        a.store(f.state, ring.STREAMING)
+        ring.SlotFields(self.arena, slot).reset(self.arena, producer, receiver_workers, gen)
         self.holders[slot] = {("sender", producer)} | {("receivers", w)
                                                        for w in receiver_workers}
         return slot, gen
@@ -89,32 +80,27 @@ class Registry:
         self.transfers: dict[tuple[int, int], Pipe] = {}
         self.transfers_done = 0
         self.transfers_aborted = 0
-        self.outcomes: dict[str, int] = {}     # TRANSFER_OUTCOMES category -> count
+        self.outcomes: dict[Outcome, int] = {}
 
     # -- rendezvous ------------------------------------------------------------------------
     def join(self, worker: int, conn: int, role: str, path: bytes, n: int,
-             info: dict | None) -> Outbox:
+             info: SenderInfo | None) -> Outbox:
         party = (worker, conn)
         pipe = self.pipes.get(path)
         if pipe is None:
             if len(self.pipes) >= self.config.max_pipes:
-                return [(worker, ("rejected", conn, 503,
-                                  f"the relay holds its limit of {self.config.max_pipes} pipes; "
-                                  "retry later"))]
+                return [(worker, control.Rejected(
+                    conn, 503, f"the relay holds its limit of {self.config.max_pipes} pipes; "
+                               "retry later"))]
             pipe = self.pipes[path] = Pipe(path, n)
         refusal = self._refusal(pipe, role, n)
         if refusal:
             if not pipe.receivers and pipe.sender is None:
                 del self.pipes[path]
-            return [(worker, ("rejected", conn) + refusal)]
-        if role == "sender":
-            pipe.sender, pipe.sender_info = party, info
-            pipe.apply(Event.sender_joined)
-        else:
-            pipe.receivers.append(party)
-            pipe.apply(Event.receiver_joined)
+            return [(worker, control.Rejected(conn, *refusal))]
         self.waiting_party[party] = pipe
-        if pipe.sender is not None and len(pipe.receivers) == pipe.n:
+        pipe.join(party, role, info)
+        if pipe.state is PipeState.MATCHED:
             return self._start(pipe)
         return self._progress(pipe)
 
@@ -134,7 +120,7 @@ class Registry:
         if pipe.sender is None:
             return []
         w, conn = pipe.sender
-        return [(w, ("progress", conn, len(pipe.receivers), pipe.n))]
+        return [(w, control.Progress(conn, len(pipe.receivers), pipe.n))]
 
     def _start(self, pipe: Pipe) -> Outbox:
         for party in [pipe.sender, *pipe.receivers]:
@@ -146,22 +132,23 @@ class Registry:
             del self.pipes[pipe.path]
             reason = (f"the relay is at its limit of {self.arena.slots} concurrent transfers; "
                       "retry later")
-            return [(w, ("rejected", c, 503, reason)) for w, c in [pipe.sender, *pipe.receivers]]
+            return [(w, control.Rejected(c, 503, reason))
+                    for w, c in [pipe.sender, *pipe.receivers]]
         pipe.slot, pipe.gen = assigned
         pipe.transmit = self.config.transmit_for(pipe.n)
         pipe.started = time.monotonic()
-        pipe.apply(Event.all_joined)
+        pipe.apply(Event.slot_assigned)
         self.transfers[assigned] = pipe
         out: Outbox = []
         by_worker: dict[int, list[int]] = {}
         for w, c in pipe.receivers:
             by_worker.setdefault(w, []).append(c)
         for w, conns in by_worker.items():
-            out.append((w, ("start_receivers", pipe.slot, pipe.gen, pipe.transmit, conns,
-                            pipe.sender_info)))
+            out.append((w, control.StartReceivers(pipe.slot, pipe.gen, pipe.transmit, conns,
+                                                  pipe.sender_info)))
         sw, sc = pipe.sender
-        out.append((sw, ("start_sender", sc, pipe.slot, pipe.gen, pipe.transmit, pipe.n,
-                         sorted(by_worker))))
+        out.append((sw, control.StartSender(sc, pipe.slot, pipe.gen, pipe.transmit, pipe.n,
+                                            sorted(by_worker))))
         return out
 
     def leave(self, worker: int, conn: int) -> Outbox:
@@ -169,16 +156,11 @@ class Registry:
         party = (worker, conn)
         pipe = self.waiting_party.pop(party, None)
         if pipe is None or pipe.state is not PipeState.WAITING:
-            return []      # already started: the worker resolves it through `start`
-        if pipe.sender == party:
-            pipe.sender = pipe.sender_info = None
-        else:
-            pipe.receivers.remove(party)
-        if pipe.sender is None and not pipe.receivers:
-            pipe.apply(Event.last_party_left)
+            return []      # already started: the worker resolves it through its start
+        pipe.leave(party)
+        if pipe.state is PipeState.CLOSED:
             del self.pipes[pipe.path]
             return []
-        pipe.apply(Event.party_left)
         return self._progress(pipe)
 
     def expire(self, now: float) -> Outbox:
@@ -195,7 +177,7 @@ class Registry:
             for party in [pipe.sender, *pipe.receivers]:
                 if party is not None:
                     self.waiting_party.pop(party, None)
-                    out.append((party[0], ("expired", party[1], reason)))
+                    out.append((party[0], control.Expired(party[1], reason)))
         return out
 
     def next_expiry(self) -> float | None:
@@ -207,17 +189,7 @@ class Registry:
         pipe = self.transfers.get((slot, gen))
         if pipe is None or (worker, conn) in pipe.resolved:
             return []
-        pipe.resolved.add((worker, conn))
-        if ok:
-            if pipe.state is PipeState.STREAMING:
-                # The receiver saw the ring's DONE before the producer's report reached us.
-                pipe.apply(Event.body_ended)
-            pipe.done_receivers += 1
-            pipe.apply(Event.receiver_done)
-        else:
-            pipe.lost_receivers += 1
-            pipe.apply(Event.receiver_lost)
-        return self._maybe_close(pipe)
+        return self._settled(pipe, pipe.receiver_ended((worker, conn), ok))
 
     def body_ended(self, worker: int, slot: int, gen: int, nbytes: int) -> Outbox:
         pipe = self.transfers.get((slot, gen))
@@ -228,50 +200,43 @@ class Registry:
             pipe.apply(Event.body_ended)
         return []
 
-    def sender_lost(self, worker: int, slot: int, gen: int, reason: str,
+    def sender_lost(self, worker: int, slot: int, gen: int, outcome: Outcome, reason: str,
                     nbytes: int = 0) -> Outbox:
         pipe = self.transfers.get((slot, gen))
         if pipe is None:
             return []
         pipe.body_bytes = max(pipe.body_bytes, nbytes)
-        pipe.apply(Event.sender_lost)
-        pipe.abort_reason = reason
-        return self._maybe_close(pipe)
+        return self._settled(pipe, pipe.sender_lost(outcome, reason))
 
-    def _maybe_close(self, pipe: Pipe) -> Outbox:
-        if pipe.unresolved_receivers:
+    def _settled(self, pipe: Pipe, fired: list[Event]) -> Outbox:
+        """Act on where the pipe's counts took it: only a closed pipe needs anything."""
+        if pipe.state is not PipeState.CLOSED:
             return []
-        sw, sc = pipe.sender
+        sw, _ = pipe.sender
         out: Outbox = []
-        if pipe.state is PipeState.STREAMING:
+        if pipe.closed_from is PipeState.STREAMING:          # last_receiver_lost
             # The producer has not reported its count: log the bytes it published so far.
             pipe.body_bytes = self.arena.load(ring.SlotFields(self.arena, pipe.slot).tail)
-            pipe.apply(Event.last_receiver_lost)
-            out.append((sw, ("abort_sender", pipe.slot, pipe.gen, "all receivers left")))
-            outcome, category = "aborted: all receivers left", "receivers_left"
-        else:
-            drained = pipe.state is PipeState.DRAINING
-            pipe.apply(Event.last_receiver_gone)
-            if drained:
-                out.append((sw, ("finished", pipe.slot, pipe.gen, pipe.done_receivers,
-                                 pipe.lost_receivers)))
-                if pipe.lost_receivers:
-                    outcome, category = "ok, some receivers left", "ok_some_receivers_left"
-                else:
-                    outcome, category = "ok", "ok"
+            out.append((sw, control.AbortSender(pipe.slot, pipe.gen, "all receivers left")))
+            outcome, text = Outcome.RECEIVERS_LEFT, "aborted: all receivers left"
+        elif pipe.closed_from is PipeState.DRAINING:
+            out.append((sw, control.Finished(pipe.slot, pipe.gen, pipe.done_receivers,
+                                             pipe.lost_receivers)))
+            if pipe.lost_receivers:
+                outcome, text = Outcome.OK_SOME_RECEIVERS_LEFT, "ok, some receivers left"
             else:
-                outcome = "aborted: " + pipe.abort_reason
-                category = ("worker_died" if "worker died" in pipe.abort_reason else
-                            "shutdown" if "shut down" in pipe.abort_reason else "sender_lost")
-        if outcome.startswith("aborted"):
+                outcome, text = Outcome.OK, "ok"
+        else:
+            outcome, text = pipe.outcome, "aborted: " + pipe.abort_reason
+        if outcome.aborted:
             self.transfers_aborted += 1
         else:
             self.transfers_done += 1
-        self.outcomes[category] = self.outcomes.get(category, 0) + 1
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         del self.transfers[(pipe.slot, pipe.gen)]
         if self.pipes.get(pipe.path) is pipe:
             del self.pipes[pipe.path]
-        self._log_transfer(pipe, outcome)
+        self._log_transfer(pipe, text)
         return out
 
     def _log_transfer(self, pipe: Pipe, outcome: str) -> None:
@@ -301,7 +266,8 @@ class Registry:
                     self.arena.store(f.state, ring.ABORTED)
                 for w in {w for w, _ in pipe.receivers}:
                     self.kick(w)
-                out += self.sender_lost(worker, slot, gen, "the sender's worker died")
+                out += self.sender_lost(worker, slot, gen, Outcome.WORKER_DIED,
+                                        "the sender's worker died")
             mine = [c for w, c in pipe.receivers if w == worker and (w, c) not in pipe.resolved]
             if mine:
                 self.arena.store(f.cursor(worker), ring.NONE)

@@ -1,58 +1,61 @@
-"""The shared-memory arena: slot table, per-pipe rings, and the only code that orders loads/stores.
+"""The shared-memory arena: slot table, per-pipe rings, positions, and the only code that
+orders loads and stores.
 
 One memfd, created by the supervisor before the first fork and mapped (MAP_SHARED) by every
 worker through inheritance. Its bytes, in 64-byte lines of eight little-endian u64:
 
-    | stats: one line block per worker index, one for the supervisor          (own pages) |
-    | slot table: per slot  | gen | tail | state | wake_at | producer | ... |  (own pages) |
-    |                       | cursor[i] | waiting[i] |  one line per worker index i        |
+    | stats: a block per worker index, one for the supervisor (stats.py)     (own pages) |
+    | slot table, per slot:                                                  (own pages) |
+    |   line 0   | gen | tail | state | wake_at | producer |                              |
+    |   line 1   | spill_active | spill_start | spill_fd | spill_pid | file_wake_at |     |
+    |            | drop_below | spill_end |                                               |
+    |   line 2+i | cursor[i] | waiting[i] | file_cursor[i] |  one line per worker index i |
     | ring 0 | ring 1 | ... each `capacity` bytes (a power of two), page aligned          |
 
 A *position* counts bytes since the pipe began and never wraps; an *offset* is
-`position & (capacity - 1)`. Every field has exactly one writer:
-    gen       the supervisor, each time it assigns the slot (stale messages are ignored)
-    tail      the producer's worker: receiver wire bytes published so far
-    state     the producer's worker (the supervisor when that worker died)
-    wake_at   the producer's worker: kick me when the lowest cursor reaches this (0 = no)
-    cursor[i] worker i: the lowest position any of its receivers of this pipe still needs,
-              or NONE when it has none
-    waiting[i] worker i: it has a caught-up receiver of this pipe and sleeps on its eventfd
+`position & (capacity - 1)`. Only this module turns one into the other. Every field has
+exactly one writer:
+    gen         the supervisor, each time it assigns the slot (stale messages are ignored)
+    tail        the producer's worker: receiver wire bytes published so far
+    state       the producer's worker (the supervisor when that worker died)
+    wake_at     the producer's worker: kick me when the lowest ring cursor reaches this
+    spill_*     the producer's worker (spill.py): the spill file, where it starts, and
+                spill_end, NONE while the file grows, else the position it holds up to
+    file_wake_at, drop_below   the producer's worker: same mark for file readers; file
+                readers below drop_below are cut (--slow drop)
+    cursor[i]   worker i: the lowest position any of its ring readers still needs, or NONE
+    waiting[i]  worker i: it has a caught-up receiver of this pipe and sleeps on its eventfd
+    file_cursor[i]  worker i: the lowest position of its spill-file readers, or NONE
 
-Memory ordering (x86-64 TSO only; the CLI refuses other machines): every load and store of
-those fields goes through `load`/`store` below, 8-byte aligned through a memoryview cast, so
-no store is torn. Data is written (pwrite) before the tail store, the tail before the state.
-A reader loads state before tail. "Store my flag, then load theirs" needs a full fence on
+Memory ordering (x86-64 TSO only; the supervisor refuses other machines): every load and
+store of those fields goes through `Arena.load`/`store`, 8-byte aligned through a memoryview
+cast, so no store is torn. Data is written before the tail store, the tail before the state;
+a reader loads state before tail. "Store my flag, then load theirs" needs a full fence on
 both sides, else x86 may reorder them and a wake-up is lost: `fence()` takes and releases a
 lock, whose lock-prefixed instruction is a full barrier.
+
+The sendfile hazard (DESIGN): a socket keeps references to the ring pages it sends until
+the peer has read them. So in sendfile mode a block is punched out of the memfd before it is
+written again, and only once the lowest cursor has passed the end of its previous lap;
+in-flight sockets keep the old pages. `RingWriter` owns that rule.
 """
 from __future__ import annotations
 
 import mmap
 import os
 import threading
+from typing import Callable, Iterable
+
+from relayd.fileio import SYSCALLS, Syscalls, write_all, writev_all
 
 PAGE = mmap.PAGESIZE
 LINE_U64 = 8                     # a 64-byte cache line holds eight u64
-NONE = (1 << 64) - 1             # cursor of a worker that has no receiver of the pipe
+NONE = (1 << 64) - 1             # cursor of a worker that has no reader of the pipe
+STATS_U64 = 4 * LINE_U64         # u64 per stats block (layout: stats.py)
 
 # slot states
 IDLE, STREAMING, DONE, ABORTED = 0, 1, 2, 3
 STATE_NAMES = {IDLE: "idle", STREAMING: "streaming", DONE: "done", ABORTED: "aborted"}
-
-# Stats blocks (STATS_U64 u64 each): one per worker index, written only by that worker, and
-# one for the supervisor. Counters are kept locally and published about once a second.
-STATS_U64 = 4 * LINE_U64
-STAT_PID, STAT_CONNECTIONS, STAT_SENDERS, STAT_RECEIVERS, STAT_BYTES_IN, STAT_BYTES_OUT, \
-    STAT_HEARTBEAT, STAT_PIPES_ACTIVE, STAT_RECEIVERS_STREAMING, STAT_SENDERS_STREAMING, \
-    STAT_MAX_LAG, STAT_SPILL_BYTES = range(12)
-STAT_REJECTED0 = 16              # then one counter per status in REJECTION_STATUSES
-REJECTION_STATUSES = (400, 401, 403, 404, 405, 408, 409, 413, 414, 417, 429, 431, 501, 503,
-                      505, 0)    # 0: any other status
-SUP_PIPES_WAITING, SUP_PIPES_STREAMING, SUP_SLOTS_IN_USE, SUP_WORKERS_ALIVE, SUP_RESTARTS, \
-    SUP_STARTED_AT, SUP_TRANSFERS_DONE, SUP_TRANSFERS_ABORTED = range(8)
-SUP_OUTCOME0 = 8                 # then one counter per outcome in TRANSFER_OUTCOMES
-TRANSFER_OUTCOMES = ("ok", "ok_some_receivers_left", "sender_lost", "receivers_left",
-                     "worker_died", "shutdown")
 
 _fence_lock = threading.Lock()
 
@@ -105,6 +108,7 @@ class Arena:
         self.view = memoryview(self.mm)
         self.q = self.view[: self.rings_base].cast("Q")
         self._table_u64 = self.stats_bytes // 8
+        self.calls: Syscalls = SYSCALLS
 
     # -- field addresses (u64 indexes) ---------------------------------------------------
     def stat_index(self, worker: int, field: int) -> int:
@@ -128,24 +132,37 @@ class Arena:
         self.q[index] = value
 
     # -- ring bytes ------------------------------------------------------------------------
+    def span(self, slot: int, position: int, end: int) -> tuple[int, int]:
+        """(arena offset, length) of the bytes from position toward end that lie contiguous
+        in the slot's ring (they stop at the ring's end)."""
+        off = position & self.mask
+        return self.ring_base(slot) + off, min(end - position, self.capacity - off)
+
+    def peek(self, slot: int, position: int, length: int) -> bytes:
+        """A copy of ring bytes at position, across the ring's end if need be."""
+        at, first = self.span(slot, position, position + length)
+        data = bytes(self.view[at:at + first])
+        if first < length:
+            base = self.ring_base(slot)
+            data += bytes(self.view[base:base + length - first])
+        return data
+
     def write(self, slot: int, position: int, data) -> None:
         """Copy data into the ring at position, splitting at the ring's end."""
-        base = self.ring_base(slot)
-        off = position & self.mask
-        first = self.capacity - off
-        if len(data) <= first:
-            os.pwrite(self.fd, data, base + off)
+        at, first = self.span(slot, position, position + len(data))
+        if first == len(data):
+            write_all(self.fd, data, at, self.calls)
         else:
             mv = memoryview(data)
-            os.pwrite(self.fd, mv[:first], base + off)
-            os.pwrite(self.fd, mv[first:], base)
+            write_all(self.fd, mv[:first], at, self.calls)
+            write_all(self.fd, mv[first:], self.ring_base(slot), self.calls)
 
     def writev(self, slot: int, position: int, buffers: list, length: int) -> bool:
         """Gather-write buffers at position; False (nothing written) if they would wrap."""
-        off = position & self.mask
-        if off + length > self.capacity:
+        at, contiguous = self.span(slot, position, position + length)
+        if contiguous < length:
             return False
-        os.pwritev(self.fd, buffers, self.ring_base(slot) + off)
+        writev_all(self.fd, buffers, at, self.calls)
         return True
 
     def punch(self, slot: int, offset: int, length: int) -> None:
@@ -171,18 +188,11 @@ class Arena:
 
 
 class SlotFields:
-    """u64 indexes of one slot's fields, computed once per transfer.
-
-    Line 0: gen, tail, state, wake_at, producer.
-    Line 1, the spill (writer: the producer's worker): spill_active, spill_start (first
-    position in the file), spill_fd and spill_pid (the file is reopened through
-    /proc/<pid>/fd/<fd>), file_wake_at, drop_below (file readers below it are cut).
-    Line 2 + i, worker i's: cursor (ring readers), waiting, file_cursor (spill readers).
-    """
+    """u64 indexes of one slot's fields (layout in the module docstring)."""
 
     __slots__ = ("slot", "gen", "tail", "state", "wake_at", "producer", "spill_active",
                  "spill_start", "spill_fd", "spill_pid", "file_wake_at", "drop_below",
-                 "_cursor0")
+                 "spill_end", "_cursor0")
 
     def __init__(self, arena: Arena, slot: int):
         base = arena.slot_index(slot)
@@ -199,6 +209,7 @@ class SlotFields:
         self.spill_pid = spill + 3
         self.file_wake_at = spill + 4
         self.drop_below = spill + 5
+        self.spill_end = spill + 6
         self._cursor0 = base + 2 * LINE_U64
 
     def cursor(self, worker: int) -> int:
@@ -209,3 +220,237 @@ class SlotFields:
 
     def file_cursor(self, worker: int) -> int:
         return self._cursor0 + worker * LINE_U64 + 2
+
+    def reset(self, arena: Arena, producer: int, receiver_workers: Iterable[int],
+              gen: int) -> None:
+        """Initialise for a new transfer (the supervisor, before any start message): the
+        receivers' workers start at cursor 0, so no producer can lap one that has not yet
+        published a cursor."""
+        readers = set(receiver_workers)
+        arena.store(self.gen, gen)
+        arena.store(self.tail, 0)
+        arena.store(self.wake_at, 0)
+        arena.store(self.producer, producer)
+        for field in (self.spill_active, self.spill_start, self.spill_fd, self.spill_pid,
+                      self.file_wake_at, self.drop_below):
+            arena.store(field, 0)
+        arena.store(self.spill_end, NONE)
+        for w in range(arena.worker_slots):
+            arena.store(self.cursor(w), 0 if w in readers else NONE)
+            arena.store(self.waiting(w), 0)
+            arena.store(self.file_cursor(w), NONE)
+        arena.store(self.state, STREAMING)
+
+
+class RingWriter:
+    """The producer's positions in one slot's ring (after Aeron's IpcPublication).
+
+    `tail` is where the next byte goes, `published` what receivers may read. The producer
+    writes below `limit` = lowest cursor + capacity, cached (Disruptor style: W loads, not one
+    per receiver, and only when the cached limit says there is too little room). In sendfile
+    mode it also stays below `punched_end`, the end of the blocks punched since their
+    previous lap was sent. `hold_at` is a position the ring must keep for readers that will
+    come back to it (the end of a spill file that stopped growing), or None.
+    """
+
+    def __init__(self, arena: Arena, slot: int, receiver_workers: list[int], sendfile: bool,
+                 punch_block: int, kick: Callable[[int], None]):
+        self.arena = arena
+        self.slot = slot
+        self.f = SlotFields(arena, slot)
+        self.receiver_workers = receiver_workers
+        self.sendfile = sendfile
+        self.block = punch_block
+        self.kick = kick
+        self.capacity = arena.capacity
+        self.base = arena.ring_base(slot)
+        self.tail = 0
+        self.published = 0
+        self.limit = arena.capacity
+        self.punched_end = arena.capacity    # first lap: the slot's pages are fresh
+        self.hold_at: int | None = None
+        self.lowest = 0                      # lowest ring cursor at the last refresh
+        if sendfile:
+            arena.punch(slot, 0, self.capacity)
+
+    # -- space -----------------------------------------------------------------------------
+    def space(self) -> int:
+        """Bytes writable at tail by the cached limits (no loads)."""
+        return min(self.limit, self.punched_end) - self.tail
+
+    def writable(self, need: int) -> int:
+        """Bytes writable at tail now; the cursors are re-read only when the cached limits
+        say fewer than `need`."""
+        space = self.space()
+        if space < need:
+            self.refresh()
+            space = self.space()
+        return space
+
+    def refresh(self) -> int:
+        """Re-read the cursors: the new limit; punch the blocks it frees (sendfile mode).
+        Returns the lowest ring cursor (tail when nobody reads the ring)."""
+        a, f = self.arena, self.f
+        lowest = min(a.load(f.cursor(w)) for w in self.receiver_workers)
+        if lowest == NONE:
+            lowest = self.tail               # no ring reader left to protect
+        self.lowest = lowest
+        if self.hold_at is not None:
+            lowest = min(lowest, self.hold_at)
+        self.limit = lowest + self.capacity
+        if not self.sendfile:
+            self.punched_end = self.limit
+        else:
+            while self.punched_end + self.block <= self.limit:
+                a.punch(self.slot, self.punched_end & a.mask, self.block)
+                self.punched_end += self.block
+        return self.lowest
+
+    def wake_mark(self, free: int) -> int:
+        """The lowest-cursor position at which `free` bytes will be writable again."""
+        return self.tail + free - self.capacity + (self.block if self.sendfile else 0)
+
+    # -- bytes at tail ---------------------------------------------------------------------
+    def recv_buffer(self, most: int) -> memoryview:
+        """Where the next bytes may be received in place: contiguous, within the space."""
+        at, length = self.arena.span(self.slot, self.tail, self.tail + min(most, self.space()))
+        return self.arena.view[at:at + length]
+
+    def bytes_at(self, position: int, end: int) -> memoryview:
+        """Ring bytes from position toward end, contiguous (they stop at the ring's end)."""
+        at, length = self.arena.span(self.slot, position, end)
+        return self.arena.view[at:at + length]
+
+    def finder(self, position: int, byte: bytes) -> Callable[[int, int], int]:
+        """find(i, j): the index of the first `byte` in the contiguous bytes from position,
+        between i and j, or -1 (searched in place, nothing copied)."""
+        mm, start = self.arena.mm, self.arena.span(self.slot, position, position + 1)[0]
+
+        def find(i: int, j: int) -> int:
+            found = mm.find(byte, start + i, start + j)
+            return found - start if found >= 0 else -1
+        return find
+
+    def advance(self, n: int) -> None:
+        """n bytes were received in place at tail."""
+        self.tail += n
+
+    def write(self, data) -> None:
+        self.arena.write(self.slot, self.tail, data)
+        self.tail += len(data)
+
+    def writev(self, buffers: list, length: int) -> None:
+        """Gather-write at tail; joined into one buffer when it would wrap the ring."""
+        if not self.arena.writev(self.slot, self.tail, buffers, length):
+            self.arena.write(self.slot, self.tail, b"".join(buffers))
+        self.tail += length
+
+    # -- publishing ------------------------------------------------------------------------
+    def publish(self, visible: int) -> bool:
+        """Let receivers read up to `visible`; kick the workers that sleep. False if
+        nothing new."""
+        if visible == self.published:
+            return False
+        a, f = self.arena, self.f
+        self.published = visible
+        a.store(f.tail, visible)
+        fence()
+        for w in self.receiver_workers:
+            if a.load(f.waiting(w)):
+                self.kick(w)
+        return True
+
+    def finish(self, visible: int, state: int) -> None:
+        """The last publication: tail, then the final state (DONE or ABORTED); kick all."""
+        a, f = self.arena, self.f
+        self.published = visible
+        a.store(f.tail, visible)
+        a.store(f.state, state)
+        fence()
+        for w in self.receiver_workers:
+            self.kick(w)
+
+    def post_wake(self, mark: int) -> None:
+        """Ask the receivers' workers to kick the producer once the lowest cursor reaches
+        mark (0: no mark)."""
+        self.arena.store(self.f.wake_at, max(1, mark) if mark else 0)
+
+
+class RingReader:
+    """One worker's view of a slot's ring: the producer's tail and state, the bytes, and
+    this worker's published cursors (ring and spill file) and sleep flag."""
+
+    def __init__(self, arena: Arena, slot: int, me: int, kick: Callable[[int], None]):
+        self.arena = arena
+        self.slot = slot
+        self.f = SlotFields(arena, slot)
+        self.me = me
+        self.kick = kick
+        self.fd = arena.fd
+        self.producer = arena.load(self.f.producer)
+        self.published = 0
+        self.published_file = NONE
+        self.waiting = False
+        self.last_kicked_wake = 0
+        self.last_kicked_file_wake = 0
+
+    def state_and_tail(self) -> tuple[int, int]:
+        """State first: DONE seen implies the final tail is seen too."""
+        a, f = self.arena, self.f
+        state = a.load(f.state)
+        return state, a.load(f.tail)
+
+    def moved(self, tail: int, state: int) -> bool:
+        a, f = self.arena, self.f
+        return a.load(f.tail) != tail or a.load(f.state) != state
+
+    def span(self, position: int, end: int) -> tuple[int, int]:
+        return self.arena.span(self.slot, position, end)
+
+    def bytes_at(self, position: int, end: int) -> memoryview:
+        at, length = self.arena.span(self.slot, position, end)
+        return self.arena.view[at:at + length]
+
+    def peek(self, position: int, length: int) -> bytes:
+        return self.arena.peek(self.slot, position, length)
+
+    # -- sleeping ------------------------------------------------------------------------
+    def sleep_flag(self, on: bool) -> None:
+        """Set (then fence) or clear this worker's waiting flag. After setting it, re-check
+        the tail before sleeping: a publication in between then kicks us."""
+        if on == self.waiting:
+            return
+        self.waiting = on
+        self.arena.store(self.f.waiting(self.me), 1 if on else 0)
+        if on:
+            fence()
+
+    # -- cursors ---------------------------------------------------------------------------
+    def publish(self, lowest: int, lowest_file: int) -> bool:
+        """Publish this worker's lowest ring and file cursors; kick the producer if it
+        sleeps on a mark one of them crossed. False if nothing changed."""
+        if lowest == self.published and lowest_file == self.published_file:
+            return False
+        a, f = self.arena, self.f
+        # A receiver moving between ring and file must never be missing from both as the
+        # producer loads one field, then the other: store first the field that gains it
+        # (the one whose lowest position drops), then the one that loses it (x86 keeps
+        # stores in order, and loads too).
+        if lowest < self.published:
+            a.store(f.cursor(self.me), lowest)
+            a.store(f.file_cursor(self.me), lowest_file)
+        else:
+            a.store(f.file_cursor(self.me), lowest_file)
+            a.store(f.cursor(self.me), lowest)
+        self.published, self.published_file = lowest, lowest_file
+        fence()
+        wake_at = a.load(f.wake_at)
+        if wake_at and lowest >= wake_at and wake_at != self.last_kicked_wake:
+            self.last_kicked_wake = wake_at
+            self.kick(self.producer)
+        file_wake_at = a.load(f.file_wake_at)
+        if (file_wake_at and lowest_file >= file_wake_at
+                and file_wake_at != self.last_kicked_file_wake):
+            self.last_kicked_file_wake = file_wake_at
+            self.kick(self.producer)
+        return True

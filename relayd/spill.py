@@ -2,11 +2,24 @@
 itself.
 
 Theory of operation. When the slowest ring reader would hold the producer (the window is
-full), the producer's worker creates one spill file for the pipe and from then on writes
-every byte to the file as well as to the ring, at file offset = stream position (the file is
-sparse below the first spilled position). Receivers that lag more than half a window switch
-to the file for good and are sent from it with os.sendfile; their cursors leave the ring's
-`cursor[w]` for `file_cursor[w]`, so the ring's limit follows only the fast receivers.
+full) and the pipe has more than one receiver, the producer's worker creates one spill file
+for the pipe (`SpillWriter.start`) and from then on writes every byte to the file as well as
+to the ring, at file offset = stream position (the file is sparse below the first spilled
+position). Receivers that lag more than half a window switch to the file and are sent from
+it with os.sendfile (`SpillReader`); their cursors leave the ring's `cursor[w]` for
+`file_cursor[w]`, so the ring's limit follows only the fast receivers.
+
+Bounds: a file reader may lag at most --spill-limit behind the producer, and the node's
+spill files together hold at most --spill-budget (`SpillBudget`: every worker publishes the
+bytes its producers keep, the node's use is their sum). At a bound, --slow block holds the
+producer (lossless) and --slow drop cuts the slowest file readers (a visible short body).
+
+A write the disk refuses (ENOSPC, EIO; short writes are continued first, fileio.py) is the
+same as a bound reached: the file stops growing at `end`, the position it holds up to
+(published as `spill_end`). File readers are served up to `end` and then return to the ring;
+the ring keeps every byte from `end` on until they have (`RingWriter.hold_at`), so under
+block nothing is lost, only slower; under drop the slowest file readers are cut instead of
+holding the producer. The failure is logged and counted (relayd_spill_write_failures).
 
 The file is only ever appended to, so the sendfile hazard of the ring does not arise, and
 consumed ranges are given back (FALLOC_FL_PUNCH_HOLE) -- but only IN_FLIGHT_MARGIN below the
@@ -14,8 +27,7 @@ lowest cursor. Measured here (ext4, kernel 6.18): punching right at the lowest c
 corrupted a third of 64 MiB transfers, because a punched range inside a large folio that
 sockets still reference cannot be split off and is zeroed in place. Bytes sendfile'd to a
 socket can sit in its send queue and, on loopback, in the peer's receive queue: at most
-tcp_wmem[max] + tcp_rmem[max], so nothing in flight is ever inside a punched range. Disk use
-is then the lag plus that margin, bounded by --spill-limit per pipe and --spill-budget.
+tcp_wmem[max] + tcp_rmem[max], so nothing in flight is ever inside a punched range.
 
 The file has no name: O_TMPFILE (or mkstemp + unlink where a filesystem lacks it), mode 0600.
 Other workers reopen it through /proc/<pid>/fd/<fd> of the producer's worker, so it vanishes
@@ -25,15 +37,21 @@ of the fallback's window between create and unlink are swept at daemon start.
 from __future__ import annotations
 
 import ctypes
+import enum
 import errno
 import glob
 import os
 import tempfile
+from typing import Callable
+
+from relayd import ring, stats
+from relayd.fileio import SYSCALLS, Syscalls, WriteFailed, write_all, writev_all
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLBACK_PREFIX = "relayd-spill-"
 PUNCH_UNIT = 1 << 20             # consumed file ranges are returned in whole MiBs
+NO_LIMIT = 1 << 62
 
 
 def _in_flight_margin() -> int:
@@ -88,36 +106,212 @@ def sweep(directory: str) -> int:
     return removed
 
 
-def reopen(pid: int, fd: int) -> int:
-    """Another worker's view of a spill file (read-only); raises OSError if it is gone."""
-    return os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+class SpillBudget:
+    """--spill-budget for the whole node. This worker publishes the bytes its producers keep
+    on disk whenever that changes; the node's use is the sum over every worker index (old
+    generations during a reload included)."""
+
+    def __init__(self, arena: ring.Arena, block: stats.WorkerBlock, budget: int):
+        self.arena = arena
+        self.block = block
+        self.budget = budget
+        self.mine = 0
+
+    def change(self, delta: int) -> None:
+        if delta:
+            self.mine += delta
+            self.block.spill(self.mine)
+
+    def left(self) -> int:
+        """Bytes the node may still spill (never negative)."""
+        return max(0, self.budget - stats.node_spill_bytes(self.arena))
 
 
-class SpillFile:
-    """The producer's side: writes at stream positions, returns consumed ranges to the disk."""
+class Spill(enum.Enum):
+    GROWING = "growing"          # every byte goes to the file too
+    STOPPED = "stopped"          # a write failed: the file holds bytes up to `end`
 
-    def __init__(self, directory: str, start: int):
-        self.fd = create(directory)
+
+class SpillWriter:
+    """The producer's side of one pipe's spill file."""
+
+    def __init__(self, arena: ring.Arena, fields: ring.SlotFields, receiver_workers: list[int],
+                 directory: str, start: int, limit: int, drop: bool, budget: SpillBudget,
+                 kick: Callable[[int], None], calls: Syscalls = SYSCALLS):
+        self.arena = arena
+        self.f = fields
+        self.receiver_workers = receiver_workers
+        self.limit = limit
+        self.drop = drop
+        self.budget = budget
+        self.kick = kick
+        self.calls = calls
+        self.fd = create(directory)     # OSError: no spill for this pipe
         self.start = start              # first stream position held by the file
+        self.end = start                # bytes below this are in the file
+        self.state = Spill.GROWING
+        self.consumed = start           # every reader is past this position
         self.punched = start - start % PUNCH_UNIT
+        self.counted = 0                # our bytes in the budget
+        self.failure: WriteFailed | None = None
 
+    def announce(self) -> None:
+        """Tell the receivers' workers the file exists (they reopen it and move laggards)."""
+        a, f = self.arena, self.f
+        a.store(f.spill_start, self.start)
+        a.store(f.spill_fd, self.fd)
+        a.store(f.spill_pid, os.getpid())
+        a.store(f.spill_active, 1)
+        ring.fence()
+        for w in self.receiver_workers:
+            self.kick(w)
+
+    # -- writing ---------------------------------------------------------------------------
     def write(self, position: int, data) -> None:
-        os.pwrite(self.fd, data, position)
+        """The bytes at position (the producer's tail) go to the file too, while it grows."""
+        if self.state is Spill.STOPPED:
+            self._rewritten(position)
+        else:
+            try:
+                write_all(self.fd, data, position, self.calls)
+            except WriteFailed as e:
+                self._stop(position + e.written, e)
+                return
+            self.end = position + len(memoryview(data).cast("B"))
+            self._account()
 
-    def writev(self, position: int, buffers: list) -> None:
-        os.pwritev(self.fd, buffers, position)
+    def writev(self, position: int, buffers: list, length: int) -> None:
+        if self.state is Spill.STOPPED:
+            self._rewritten(position)
+        else:
+            try:
+                writev_all(self.fd, buffers, position, self.calls)
+            except WriteFailed as e:
+                self._stop(position + e.written, e)
+                return
+            self.end = position + length
+            self._account()
+
+    def _rewritten(self, position: int) -> None:
+        """The producer rewrites bytes from position (a chunked body's last line becomes a
+        plain terminator) that the stopped file cannot take: it holds only what is below."""
+        if position < self.end:
+            self.end = position
+            self.arena.store(self.f.spill_end, position)
+            self._account()
+
+    def _stop(self, end: int, error: WriteFailed) -> None:
+        """The disk refused: the file holds bytes below `end` and grows no more."""
+        self.end = end
+        self.state = Spill.STOPPED
+        self.failure = error
+        a = self.arena
+        a.store(self.f.spill_end, end)
+        ring.fence()
+        for w in self.receiver_workers:
+            self.kick(w)
+        self._account()
+
+    # -- limits ----------------------------------------------------------------------------
+    def lowest_reader(self) -> int:
+        """The lowest file cursor over the receivers' workers (NONE: nobody reads the file)."""
+        a, f = self.arena, self.f
+        return min(a.load(f.file_cursor(w)) for w in self.receiver_workers)
+
+    def file_space(self, tail: int, ring_lowest: int) -> int:
+        """Bytes the producer may write at tail as far as the file readers allow, while the
+        file grows. Releases what every reader has passed, and under drop cuts the slowest
+        file readers once they are a spill limit behind."""
+        file_lowest = self.lowest_reader()
+        self.release_below(min(ring_lowest, file_lowest))
+        if file_lowest == ring.NONE:
+            return NO_LIMIT
+        limit = self.limit
+        budget_left = self.budget.left()
+        if budget_left <= 0:
+            limit = min(limit, tail - file_lowest)       # over budget: do not grow
+        else:
+            limit = min(limit, tail - file_lowest + budget_left)
+        if self.drop and tail - file_lowest >= limit:
+            self.cut_below(file_lowest + 1)
+        return file_lowest + limit - tail
+
+    def cut_below(self, position: int) -> None:
+        """--slow drop: file readers below position are cut; the producer waits only until
+        their workers have done it."""
+        a, f = self.arena, self.f
+        if a.load(f.drop_below) >= position:
+            return
+        a.store(f.drop_below, position)
+        ring.fence()
+        for w in self.receiver_workers:
+            self.kick(w)
 
     def release_below(self, position: int) -> None:
         """Every reader is past `position`: punch whole units below it, less the in-flight
         margin (see the module's docstring)."""
+        if position == ring.NONE:
+            position = self.end
+        self.consumed = max(self.consumed, min(position, self.end))
         position -= IN_FLIGHT_MARGIN
         end = position - position % PUNCH_UNIT
         if end > self.punched:
             punch_hole(self.fd, self.punched, end - self.punched)
             self.punched = end
+        self._account()
+
+    def _account(self) -> None:
+        usage = max(0, self.end - self.consumed)
+        self.budget.change(usage - self.counted)
+        self.counted = usage
 
     def disk_bytes(self) -> int:
         return os.fstat(self.fd).st_blocks * 512
+
+    def close(self) -> None:
+        self.budget.change(-self.counted)
+        self.counted = 0
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class SpillReader:
+    """A receiver worker's own descriptor of a pipe's spill file, reopened through /proc of
+    the producer's worker."""
+
+    def __init__(self, fd: int, start: int, arena: ring.Arena, fields: ring.SlotFields):
+        self.fd = fd
+        self.start = start
+        self.arena = arena
+        self.f = fields
+
+    @classmethod
+    def open(cls, arena: ring.Arena, fields: ring.SlotFields) -> "SpillReader | None":
+        """None when the file is gone already (the producer ended)."""
+        pid, fd = arena.load(fields.spill_pid), arena.load(fields.spill_fd)
+        try:
+            own = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        return cls(own, arena.load(fields.spill_start), arena, fields)
+
+    def end(self, tail: int) -> int:
+        """Bytes readable from the file: all published while it grows, else up to where it
+        stopped."""
+        return min(tail, self.arena.load(self.f.spill_end))
+
+    def growing(self) -> bool:
+        return self.arena.load(self.f.spill_end) == ring.NONE
+
+    def drop_below(self) -> int:
+        return self.arena.load(self.f.drop_below)
+
+    def send(self, sock_fd: int, position: int, end: int) -> int:
+        return os.sendfile(sock_fd, self.fd, position, end - position)
+
+    def peek(self, position: int, length: int) -> bytes:
+        return os.pread(self.fd, length, position)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
-import pickle
 import platform
 import resource
 import selectors
@@ -33,7 +32,7 @@ import sys
 import time
 import traceback
 
-from relayd import __version__, logs, ring, spill, systemd
+from relayd import __version__, control, logs, ring, spill, stats, systemd
 from relayd.config import Config
 from relayd.rendezvous import Registry
 from relayd.worker import EXIT_BOOT_FAILURE, TRIM_AFTER_CLOSED, Worker, trim_heap
@@ -48,11 +47,10 @@ class StartupError(Exception):
 
 
 class WorkerHandle:
-    def __init__(self, index: int, pid: int, control: socket.socket):
+    def __init__(self, index: int, pid: int, channel: control.Channel):
         self.index = index
         self.pid = pid
-        self.control = control
-        self.outbox: list[bytes] = []
+        self.channel = channel
         self.ready = False
         self.spawned = time.monotonic()
         self.retiring = False
@@ -89,6 +87,13 @@ class Supervisor:
         self.watchdog_next = 0.0
         self.reload_pending = False
         self.reload_queued_logged = False
+        self.dirty: set[WorkerHandle] = set()      # channels with messages to flush
+        self.handlers: control.Handlers = {
+            control.Ready: self.on_ready, control.Join: self.on_join,
+            control.Leave: self.on_leave, control.ReceiverEnded: self.on_receiver_ended,
+            control.BodyEnded: self.on_body_ended, control.SenderLost: self.on_sender_lost,
+            control.Released: self.on_released,
+        }
 
     # -- setup -----------------------------------------------------------------------------
     def reserve_port(self) -> None:
@@ -141,7 +146,7 @@ class Supervisor:
         self.arena = ring.Arena(c.max_transfers, c.window, c.worker_slots)
         self.eventfds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
                          for _ in range(c.worker_slots)]
-        self.arena.store(self.arena.sup_index(ring.SUP_STARTED_AT), int(time.time()))
+        stats.mark_started(self.arena)
         self.registry = Registry(c, self.arena, self.kick)
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wakeup_r = rfd
@@ -160,6 +165,7 @@ class Supervisor:
             self.spawn_worker(index)
         while True:
             self.guarded("waiting for events", self.wait_for_events)
+            self.guarded("sending to workers", self.flush_channels)
             while self.signals:
                 name = signal.Signals(self.signals.pop(0)).name
                 self.guarded(f"handling {name}", getattr(self, "handle_" + name[3:].lower()))
@@ -169,6 +175,7 @@ class Supervisor:
             self.guarded("publishing stats", self.publish_stats)
             self.guarded("checking heartbeats", self.check_heartbeats)
             self.guarded("feeding the watchdog", self.feed_watchdog)
+            self.guarded("sending to workers", self.flush_channels)
             if self.stopping:
                 if not self.workers:
                     break
@@ -242,7 +249,7 @@ class Supervisor:
                     signal.signal(sig, signal.SIG_DFL)
                 ours.close()
                 for w in self.workers.values():
-                    w.control.close()
+                    w.channel.sock.close()
                 self.reserved.close()
                 self.selector.close()
                 code = Worker(self.config, self.arena, index, self.eventfds, theirs, self.port,
@@ -253,7 +260,9 @@ class Supervisor:
                 os._exit(code)
         theirs.close()
         ours.setblocking(False)
-        handle = WorkerHandle(index, pid, ours)
+        handle = WorkerHandle(index, pid, None)
+        handle.channel = control.Channel(ours, lambda: self.dirty.add(handle),
+                                         lambda on: self.want_write(handle, on))
         self.workers[index] = handle
         self.selector.register(ours, selectors.EVENT_READ, handle)
 
@@ -280,8 +289,7 @@ class Supervisor:
                 self.exit_code = 1
                 self.begin_stop(graceful=True)
                 continue
-            self.arena.store(self.arena.sup_index(ring.SUP_RESTARTS),
-                             self.arena.load(self.arena.sup_index(ring.SUP_RESTARTS)) + 1)
+            stats.count_restart(self.arena)
             quick = time.monotonic() - handle.spawned < QUICK_DEATH_S
             self.backoff_s = min(RESPAWN_BACKOFF_MAX_S, self.backoff_s * 2 or 0.1) if quick else 0
             self.respawn_at = time.monotonic() + self.backoff_s
@@ -296,24 +304,26 @@ class Supervisor:
 
     def check_heartbeats(self) -> None:
         """A stopped or hung worker still gets its share of new connections (measured):
-        kill it once its heartbeat is older than --worker-timeout; reaping replaces it."""
+        kill it once its heartbeat is older than --worker-timeout; reaping replaces it.
+        Heartbeats are CLOCK_MONOTONIC: a step of the wall clock kills nobody."""
         limit = self.config.worker_timeout_s
-        wall, mono = time.time(), time.monotonic()
+        now = time.monotonic()
         for w in self.workers.values():
-            if not w.ready or w.killed or mono - w.spawned < limit:
+            if not w.ready or w.killed or now - w.spawned < limit:
                 continue
-            beat = self.arena.load(self.arena.stat_index(w.index, ring.STAT_HEARTBEAT))
-            if wall - beat > limit:
+            age = stats.heartbeat_age_s(self.arena, w.index)
+            if age > limit:
                 log(f"worker {w.index} (pid {w.pid}) missed its heartbeat for "
-                    f"{wall - beat:.0f} s; killing it")
+                    f"{age:.0f} s; killing it")
                 w.killed = True
                 self._signal(w, signal.SIGKILL)
 
     def worker_gone(self, handle: WorkerHandle) -> None:
         del self.workers[handle.index]
-        self.selector.unregister(handle.control)
-        handle.control.close()
-        self.arena.store(self.arena.stat_index(handle.index, ring.STAT_PID), 0)
+        self.dirty.discard(handle)
+        self.selector.unregister(handle.channel.sock)
+        handle.channel.close()
+        stats.WorkerBlock(self.arena, handle.index).vacate()
         try:
             os.eventfd_read(self.eventfds[handle.index])      # drain stale kicks
         except BlockingIOError:
@@ -326,104 +336,80 @@ class Supervisor:
     # -- control plane ---------------------------------------------------------------------
     def on_control(self, handle: WorkerHandle, events: int) -> None:
         if events & selectors.EVENT_WRITE:
-            self.flush(handle)
+            handle.channel.flush()
         if not events & selectors.EVENT_READ:
             return
-        for _ in range(256):
+        messages = handle.channel.receive()
+        for message in messages or ():     # None: the worker is dying; reaping cleans up
             try:
-                data = handle.control.recv(1 << 20)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                data = b""
-            if not data:
-                return            # the worker is dying; reap_workers will clean up
-            try:
-                message = pickle.loads(data)
-                handler = getattr(self, "msg_" + message[0])
-                handler(handle, *message[1:])
+                self.handlers[type(message)](handle, message)
             except Exception:
-                log(f"bad control message from worker {handle.index}: "
+                log(f"error handling {type(message).__name__} from worker {handle.index} "
+                    f"(still serving): {message!r:.300} | "
                     + traceback.format_exc().strip().replace("\n", " | "))
 
     def send_all(self, outbox: list) -> None:
         for index, message in outbox:
             handle = self.workers.get(index)
-            if handle is None:
-                continue
-            data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-            if handle.outbox:
-                handle.outbox.append(data)
-                continue
-            try:
-                handle.control.send(data)
-            except (BlockingIOError, InterruptedError):
-                handle.outbox.append(data)
-                self.selector.modify(handle.control, selectors.EVENT_READ | selectors.EVENT_WRITE,
-                                     handle)
-            except OSError:
-                pass              # dead worker: reaped soon
+            if handle is not None:
+                handle.channel.send(message)
 
-    def flush(self, handle: WorkerHandle) -> None:
-        while handle.outbox:
-            try:
-                handle.control.send(handle.outbox[0])
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                handle.outbox.clear()
-                break
-            handle.outbox.pop(0)
-        self.selector.modify(handle.control, selectors.EVENT_READ, handle)
+    def flush_channels(self) -> None:
+        """Everything a pass of the loop queued goes out, one datagram per worker."""
+        while self.dirty:
+            self.dirty.pop().channel.flush()
 
-    def msg_ready(self, handle: WorkerHandle, pid: int) -> None:
+    def want_write(self, handle: WorkerHandle, on: bool) -> None:
+        if self.workers.get(handle.index) is handle:
+            self.selector.modify(handle.channel.sock,
+                                 selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0),
+                                 handle)
+
+    def on_ready(self, handle: WorkerHandle, m: control.Ready) -> None:
         handle.ready = True
-        fresh = [w for w in self.workers.values() if not w.retiring]
+        fresh = self.active()
         if all(w.ready for w in fresh):
             # Reload: the old workers stop accepting only once the new ones listen, so the
             # port never lacks a listener.
             for w in self.workers.values():
                 if w.retiring and not w.told_to_retire:
                     w.told_to_retire = True
-                    self.send_all([(w.index, ("retire",))])
+                    self.send_all([(w.index, control.Retire())])
         if not self.announced and sum(w.ready for w in self.workers.values()) \
                 >= self.config.workers:
             self.announced = True
             self.announce()
 
-    def msg_join(self, handle, conn, role, path, n, info) -> None:
-        self.send_all(self.registry.join(handle.index, conn, role, path, n, info))
+    def on_join(self, handle: WorkerHandle, m: control.Join) -> None:
+        self.send_all(self.registry.join(handle.index, m.conn, m.role, m.path, m.n, m.info))
 
-    def msg_leave(self, handle, conn) -> None:
-        self.send_all(self.registry.leave(handle.index, conn))
+    def on_leave(self, handle: WorkerHandle, m: control.Leave) -> None:
+        self.send_all(self.registry.leave(handle.index, m.conn))
 
-    def msg_receiver_ended(self, handle, slot, gen, conn, ok) -> None:
-        self.send_all(self.registry.receiver_ended(handle.index, slot, gen, conn, ok))
+    def on_receiver_ended(self, handle: WorkerHandle, m: control.ReceiverEnded) -> None:
+        self.send_all(self.registry.receiver_ended(handle.index, m.slot, m.gen, m.conn, m.ok))
 
-    def msg_body_ended(self, handle, slot, gen, nbytes) -> None:
-        self.send_all(self.registry.body_ended(handle.index, slot, gen, nbytes))
+    def on_body_ended(self, handle: WorkerHandle, m: control.BodyEnded) -> None:
+        self.send_all(self.registry.body_ended(handle.index, m.slot, m.gen, m.nbytes))
 
-    def msg_sender_lost(self, handle, slot, gen, reason, nbytes) -> None:
-        self.send_all(self.registry.sender_lost(handle.index, slot, gen, reason, nbytes))
+    def on_sender_lost(self, handle: WorkerHandle, m: control.SenderLost) -> None:
+        self.send_all(self.registry.sender_lost(handle.index, m.slot, m.gen, m.outcome,
+                                                m.reason, m.nbytes))
 
-    def msg_released(self, handle, slot, gen, role) -> None:
-        self.registry.released(handle.index, slot, gen, role)
+    def on_released(self, handle: WorkerHandle, m: control.Released) -> None:
+        self.registry.released(handle.index, m.slot, m.gen, m.role)
 
     def publish_stats(self) -> None:
-        a, r = self.arena, self.registry
+        r = self.registry
         waiting, streaming = r.counts()
         self.pipes_peak = max(self.pipes_peak, waiting + streaming)
         if self.pipes_peak - waiting - streaming > TRIM_AFTER_CLOSED:
             trim_heap()                  # 10,000 pipes gone: give their memory back
             self.pipes_peak = waiting + streaming
-        a.store(a.sup_index(ring.SUP_PIPES_WAITING), waiting)
-        a.store(a.sup_index(ring.SUP_PIPES_STREAMING), streaming)
-        a.store(a.sup_index(ring.SUP_SLOTS_IN_USE), r.slots.in_use)
-        a.store(a.sup_index(ring.SUP_WORKERS_ALIVE), len(self.workers))
-        a.store(a.sup_index(ring.SUP_TRANSFERS_DONE), r.transfers_done)
-        a.store(a.sup_index(ring.SUP_TRANSFERS_ABORTED), r.transfers_aborted)
-        for i, outcome in enumerate(ring.TRANSFER_OUTCOMES):
-            a.store(a.sup_index(ring.SUP_OUTCOME0 + i), r.outcomes.get(outcome, 0))
+        stats.publish_supervisor(self.arena, stats.SupervisorFigures(
+            pipes_waiting=waiting, pipes_streaming=streaming, slots_in_use=r.slots.in_use,
+            workers_alive=len(self.workers), transfers_done=r.transfers_done,
+            transfers_aborted=r.transfers_aborted, outcomes=r.outcomes))
 
     def announce(self) -> None:
         c = self.config

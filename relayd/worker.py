@@ -1,12 +1,20 @@
 """One worker process: its own SO_REUSEPORT listener, a uvloop loop, its connections, and its
-half of each pipe's data path. It talks to the supervisor over a SOCK_SEQPACKET control
-socket (rare messages: joins, starts, outcomes) and to other workers only through the shared
+half of each pipe's data path. It talks to the supervisor over its control channel (rare
+messages: joins, starts, outcomes; control.py) and to other workers only through the shared
 arena and their eventfds (every byte).
 
+The worker wires parts that know nothing of it: each Connection, SenderStream and
+ReceiverGroup gets what it uses and a few callbacks (hooks), never the worker.
+
 Lifecycle: forked by the supervisor; dies with it (PR_SET_PDEATHSIG, then a getppid check,
-and EOF on the control socket). SIGTERM: stop accepting, let transfers finish within the
-graceful timeout, then abort the rest visibly. SIGQUIT: exit at once. SIGINT is the
-supervisor's to handle (a terminal sends it to the whole process group).
+and EOF on the control channel). Retire (a reload's new generation listens): stop accepting,
+keep waiting parties and transfers, exit when the last one ends. SIGTERM: stop accepting,
+answer waiting parties 503, let transfers finish within the graceful timeout, then abort the
+rest visibly. SIGQUIT: exit at once. SIGINT and SIGHUP are the supervisor's.
+
+Every callback that runs a piece of one pipe is guarded: an exception is logged with that
+pipe and aborts it alone; the once-a-second tick beats the heartbeat first and guards each
+step, so the worker never stops beating because one pipe failed.
 """
 from __future__ import annotations
 
@@ -15,38 +23,32 @@ import ctypes
 import errno
 import gc
 import os
-import pickle
-import select
 import signal
 import socket
 import sys
-import time
 import traceback
 
 import uvloop
 
-from relayd import __version__, logs, ring
+from relayd import control, logs, metrics, ring, stats
+from relayd.auth import Authorizer
 from relayd.config import Config
-from relayd.protocol import Connection, HttpError, simple_response
-from relayd.streaming import ReceiverGroup, SenderStream
+from relayd.connection import Connection, ConnectionHooks, Phase
+from relayd.delivery import DeliveryLimits, GroupHooks, ReceiverGroup
+from relayd.hangups import HangupWatch
+from relayd.http import HttpError, error_body, simple_response
+from relayd.producer import SenderHooks, SenderStream, SpillPlan
+from relayd.routing import PipeRequest, health_json, route
+from relayd.spill import SpillBudget
 
 PR_SET_PDEATHSIG = 1
 ACCEPT_BATCH = 64
-STATS_INTERVAL_S = 1.0
-EXIT_BOOT_FAILURE = 3          # the supervisor stops respawning on this code
-
-
-class WorkerStats:
-    """Counted locally on the data path, published to the arena about once a second."""
-
-    __slots__ = ("bytes_in", "bytes_out", "senders", "receivers")
-
-    def __init__(self):
-        self.bytes_in = self.bytes_out = self.senders = self.receivers = 0
-
-
+ACCEPT_BACKOFF_S = 0.1          # out of descriptors: accept again after this
+TICK_S = 1.0                    # heartbeat, counters, timeouts
+EXIT_BOOT_FAILURE = 3           # the supervisor stops respawning on this code
 TRIM_AFTER_CLOSED = 1000        # connections gone since the last trim
 AUTH_STATUSES = (401, 403, 429)
+RETRY_AFTER = b"Retry-After: 1\r\n"
 
 
 def trim_heap() -> None:
@@ -76,37 +78,45 @@ def bind_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
+def trace() -> str:
+    return traceback.format_exc().strip().replace("\n", " | ")
+
+
 class Worker:
     def __init__(self, config: Config, arena: ring.Arena, index: int, eventfds: list[int],
-                 control: socket.socket, port: int, parent_pid: int):
+                 control_sock: socket.socket, port: int, parent_pid: int):
         self.config = config
         self.arena = arena
         self.index = index
         self.eventfds = eventfds
-        self.control = control
+        self.control_sock = control_sock
         self.port = port
         self.parent_pid = parent_pid
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.channel: control.Channel | None = None
         self.listener: socket.socket | None = None
+        self.accept_paused = False
+        self.accept_failures = 0
         self.conns: dict[int, Connection] = {}
         self.next_conn_id = 1
         self.conn_peak = 0
-        self.senders: dict[int, SenderStream] = {}
-        self.groups: dict[int, ReceiverGroup] = {}
-        self.waiting_senders: dict[int, Connection] = {}      # fd -> sender watched for hang-up
-        self.epoll = select.epoll()
-        self.outbox: list[bytes] = []
-        self.stats = WorkerStats()
-        self.rejections: dict[int, int] = {}
+        self.senders: dict[int, SenderStream] = {}     # slot -> stream
+        self.groups: dict[int, ReceiverGroup] = {}     # slot -> group
+        self.hangups = HangupWatch(self.on_sender_hangup)
+        self.counters = stats.WorkerCounters()
+        self.block = stats.WorkerBlock(arena, index)
+        self.spill_budget = SpillBudget(arena, self.block, config.spill_budget)
         self.draining = False           # SIGTERM: waiting parties are told 503, then exit
         self.retiring = False           # reload: stop accepting, exit when the last pipe ends
-        self.started = time.time()
-        self.auth = None
-        # Spill budget: the daemon's, split evenly between the workers.
-        self.spill_share = config.spill_budget // max(1, config.workers)
-        if config.secret_file:
-            from relayd.auth import Authorizer
-            self.auth = Authorizer.from_file(config.secret_file)
+        self.authorizer = Authorizer.from_file(config.secret_file) if config.secret_file \
+            else None
+        self.handlers: control.Handlers = {
+            control.Rejected: self.on_rejected, control.Expired: self.on_expired,
+            control.Progress: self.on_progress, control.StartSender: self.on_start_sender,
+            control.StartReceivers: self.on_start_receivers,
+            control.Finished: self.on_finished, control.AbortSender: self.on_abort_sender,
+            control.Retire: self.on_retire,
+        }
 
     # -- lifecycle -------------------------------------------------------------------------
     def run(self) -> int:
@@ -121,26 +131,29 @@ class Worker:
             print(f"relayd worker {self.index}: cannot listen on {self.config.host}:{self.port}: "
                   f"{e.strerror}", file=sys.stderr)
             return EXIT_BOOT_FAILURE
-        a = self.arena
-        a.store(a.stat_index(self.index, ring.STAT_PID), os.getpid())
-        self.control.setblocking(False)
+        self.block.claim(os.getpid())
+        self.control_sock.setblocking(False)
+        self.channel = control.Channel(self.control_sock,
+                                       lambda: self.loop.call_soon(self.flush_control),
+                                       self.want_control_write)
         self.loop.add_reader(self.listener.fileno(), self.on_accept)
         self.loop.add_reader(self.eventfds[self.index], self.on_kick)
-        self.loop.add_reader(self.control.fileno(), self.on_control)
-        self.loop.add_reader(self.epoll.fileno(), self.on_epoll)
+        self.loop.add_reader(self.channel.fileno(), self.on_control)
+        self.loop.add_reader(self.hangups.fileno(), self.hangups.poll)
         self.loop.add_signal_handler(signal.SIGTERM, self.handle_term)
         self.loop.add_signal_handler(signal.SIGQUIT, self.handle_quit)
-        self.loop.call_later(STATS_INTERVAL_S, self.publish_stats)
+        self.loop.call_later(TICK_S, self.tick)
         # Only once the loop runs: uvloop installs its signal wake-up pipe when run_forever
         # starts, and a SIGTERM arriving between "ready" and then would be lost.
-        self.loop.call_soon(self.report, "ready", os.getpid())
+        self.loop.call_soon(self.report, control.Ready(os.getpid()))
         # Everything built so far lives as long as the worker: keep it out of the cyclic
         # collector's full passes, which would otherwise walk it on the data path's time.
         gc.freeze()
         try:
             self.loop.run_forever()
         finally:
-            self.publish_stats(reschedule=False)
+            self.publish_stats()
+            self.channel.flush()
         return 0
 
     def handle_term(self) -> None:
@@ -150,20 +163,20 @@ class Worker:
         self.draining = True
         self.stop_accepting()
         for conn in list(self.conns.values()):
-            if conn.phase in (Connection.HEAD, Connection.JOINING, Connection.WAITING):
-                if conn.phase == Connection.HEAD:
-                    if conn.requests and conn.head_bytes == 0:
-                        conn.close()      # idle keep-alive; a fresh one is still served
-                elif conn.role == "sender" and conn.head_sent:
+            if conn.phase is Phase.HEAD:
+                if conn.requests and conn.head_bytes == 0:
+                    conn.close()      # idle keep-alive; a fresh one is still served
+            elif conn.is_party:
+                if conn.role == "sender" and conn.head_sent:
                     conn.write_progress("[ERROR] the relay is shutting down\n")
-                    conn.close_after_progress()
+                    self.party_left(conn)
+                    conn.close_gracefully()
                 else:
-                    conn.fail(HttpError(503, "the relay is shutting down; retry",
-                                        b"Retry-After: 1\r\n"))
+                    conn.fail(HttpError(503, "the relay is shutting down; retry", RETRY_AFTER))
         self.loop.call_later(self.config.graceful_timeout_s, self.abort_all)
         self.exit_when_idle()
 
-    def on_retire(self) -> None:
+    def on_retire(self, message: control.Retire) -> None:
         """Reload: a new generation listens. Stop accepting and close idle keep-alive
         connections, but keep waiting parties (the registry still matches them with parties
         at the new workers) and transfers; exit when the last one has ended."""
@@ -172,7 +185,7 @@ class Worker:
         self.retiring = True
         self.stop_accepting()
         for conn in list(self.conns.values()):
-            if conn.phase == Connection.HEAD and conn.requests and conn.head_bytes == 0:
+            if conn.phase is Phase.HEAD and conn.requests and conn.head_bytes == 0:
                 conn.close()
         self.exit_when_idle()
 
@@ -183,7 +196,7 @@ class Worker:
 
     def abort_all(self) -> None:
         for stream in list(self.senders.values()):
-            stream.abort("the relay shut down before the body ended")
+            stream.abort("the relay shut down before the body ended", control.Outcome.SHUTDOWN)
         for conn in list(self.conns.values()):
             conn.close(reset=True)
         self.loop.stop()
@@ -196,7 +209,8 @@ class Worker:
         on a closing listener are reset, not migrated to another worker's."""
         if self.listener is not None:
             self.on_accept(batch=1 << 30)
-            self.loop.remove_reader(self.listener.fileno())
+            if not self.accept_paused:
+                self.loop.remove_reader(self.listener.fileno())
             self.listener.close()
             self.listener = None
 
@@ -208,15 +222,16 @@ class Worker:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    return      # out of descriptors: the backlog holds them until we can
-                raise
+                if e.errno == errno.ECONNABORTED:
+                    continue             # gone before we took it
+                self.pause_accepting(e)
+                return
             if len(self.conns) >= self.config.max_connections:
                 sock.setblocking(False)
                 try:
                     sock.send(simple_response(
-                        503, b"[ERROR] the relay is at its connection limit; retry\n",
-                        extra=b"Retry-After: 1\r\n"))
+                        503, error_body("the relay is at its connection limit; retry"),
+                        extra=RETRY_AFTER))
                 except OSError:
                     pass
                 sock.close()
@@ -225,182 +240,209 @@ class Worker:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn_id = self.next_conn_id
             self.next_conn_id += 1
-            self.conns[conn_id] = Connection(self, sock, conn_id, f"{peer[0]}:{peer[1]}")
+            self.conns[conn_id] = Connection(sock, conn_id, f"{peer[0]}:{peer[1]}", self.loop,
+                                             self.config, self.connection_hooks)
             self.conn_peak = max(self.conn_peak, len(self.conns))
+
+    def pause_accepting(self, error: OSError) -> None:
+        """Out of descriptors (EMFILE, ENFILE) or memory: the backlog holds new connections
+        while we stop accepting for a moment, as nginx does; one log line per episode."""
+        if self.accept_paused or self.listener is None:
+            return
+        self.accept_paused = True
+        self.accept_failures += 1
+        if self.accept_failures == 1:
+            logs.message(f"worker {self.index}: accept failed ({error.strerror}); pausing "
+                         f"accepts for {ACCEPT_BACKOFF_S:g} s at a time until it succeeds")
+        self.loop.remove_reader(self.listener.fileno())
+        self.loop.call_later(ACCEPT_BACKOFF_S, self.resume_accepting)
+
+    def resume_accepting(self) -> None:
+        self.accept_paused = False
+        if self.listener is None:
+            return
+        self.loop.add_reader(self.listener.fileno(), self.on_accept)
+        before = self.accept_failures
+        self.on_accept()
+        if not self.accept_paused and before:
+            logs.message(f"worker {self.index}: accepting again")
+            self.accept_failures = 0
+
+    # -- connections -----------------------------------------------------------------------
+    @property
+    def connection_hooks(self) -> ConnectionHooks:
+        hooks = getattr(self, "_hooks", None)
+        if hooks is None:
+            hooks = self._hooks = ConnectionHooks(
+                route=lambda request: route(request, self), pipe=self.join_pipe,
+                left=self.party_left, closed=self.forget, answered=self.access,
+                refused=self.count_rejection,
+                may_keep_alive=lambda: not (self.retiring or self.draining))
+        return hooks
 
     def forget(self, conn: Connection) -> None:
         self.conns.pop(conn.id, None)
-        if self.waiting_senders.pop(conn.fd, None) is not None:
-            try:
-                self.epoll.unregister(conn.fd)
-            except OSError:
-                pass
+        self.hangups.discard(conn)
         self.exit_when_idle()
 
+    # -- the site: what reserved paths show ------------------------------------------------
+    def health(self) -> tuple[bool, bytes]:
+        self.publish_stats()
+        document = metrics.health(stats.read(self.arena), self.draining, self.index)
+        return not self.draining, health_json(document)
+
+    def metrics(self) -> bytes:
+        self.publish_stats()                       # this worker's figures are exact
+        return metrics.prometheus(stats.read(self.arena), self.parent_pid)
+
     # -- rendezvous (control plane) --------------------------------------------------------
-    def join_pipe(self, conn: Connection, info: dict) -> None:
+    def join_pipe(self, conn: Connection, pipe: PipeRequest) -> None:
         if self.draining:
-            raise HttpError(503, "the relay is shutting down; retry", b"Retry-After: 1\r\n")
-        if conn.role == "sender":
+            raise HttpError(503, "the relay is shutting down; retry", RETRY_AFTER)
+        if pipe.role == "sender":
             # Its body stays unread until the transfer starts; watch it for hang-ups only.
-            self.loop.remove_reader(conn.fd)
-            self.waiting_senders[conn.fd] = conn
-            self.epoll.register(conn.fd, select.EPOLLRDHUP | select.EPOLLET)
-            self.stats.senders += 1
+            conn.stop_reading()
+            self.hangups.add(conn)
+            self.counters.senders += 1
         else:
-            self.stats.receivers += 1
-        # Party counts are rare events: published at once, so /health is exact.
-        a = self.arena
-        a.store(a.stat_index(self.index, ring.STAT_SENDERS), self.stats.senders)
-        a.store(a.stat_index(self.index, ring.STAT_RECEIVERS), self.stats.receivers)
-        self.access(conn, 200, conn.role)
-        self.report("join", conn.id, conn.role, conn.path, conn.n, info)
+            self.counters.receivers += 1
+        self.block.parties(self.counters)       # rare events: published at once (/health)
+        self.access(conn, 200, pipe.role)
+        self.report(control.Join(conn.id, pipe.role, pipe.path, pipe.n, pipe.info))
 
-    def connection_lost(self, conn: Connection) -> None:
-        if conn.phase in (Connection.JOINING, Connection.WAITING):
-            self.report("leave", conn.id)
-        elif conn.phase == Connection.STREAMING and isinstance(conn.stream, SenderStream):
-            conn.stream.abort("the sender's connection was lost")
+    def party_left(self, conn: Connection) -> None:
+        self.hangups.discard(conn)
+        self.report(control.Leave(conn.id))
 
-    def on_epoll(self) -> None:
-        for fd, events in self.epoll.poll(0):
-            conn = self.waiting_senders.get(fd)
-            if conn is None:
-                continue
-            if events & (select.EPOLLHUP | select.EPOLLERR):
-                conn.lost()
-            elif events & select.EPOLLRDHUP:
-                # Half-closed or gone? A line to a gone peer draws a reset (EPOLLERR).
-                conn.write_progress("[INFO] Still waiting for receivers.\n")
+    def on_sender_hangup(self, conn: Connection, error: bool) -> None:
+        """A waiting sender's peer half-closed or went. With its whole body already here it
+        has handed the body over and stays in the rendezvous; else it has left."""
+        if conn.holds_whole_body():
+            self.hangups.discard(conn)
+        else:
+            conn.lost()
 
-    def report(self, *message) -> None:
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        if not self.outbox:
-            try:
-                self.control.send(data)
-                return
-            except (BlockingIOError, InterruptedError):
-                self.loop.add_writer(self.control.fileno(), self.flush_control)
-            except OSError:
-                self.handle_quit()
-        self.outbox.append(data)
+    def report(self, message) -> None:
+        self.channel.send(message)
 
     def flush_control(self) -> None:
-        while self.outbox:
-            try:
-                self.control.send(self.outbox[0])
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                self.handle_quit()
-            self.outbox.pop(0)
-        self.loop.remove_writer(self.control.fileno())
+        self.channel.flush()
+        if self.channel.broken:
+            self.handle_quit()        # the supervisor is gone: so are we
+
+    def want_control_write(self, on: bool) -> None:
+        if on:
+            self.loop.add_writer(self.channel.fileno(), self.flush_control)
+        else:
+            self.loop.remove_writer(self.channel.fileno())
 
     def on_control(self) -> None:
-        while True:
+        messages = self.channel.receive()
+        if messages is None:             # the supervisor is gone: so are we
+            os._exit(0)
+        for message in messages:
             try:
-                data = self.control.recv(1 << 20)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                data = b""
-            if not data:             # the supervisor is gone: so are we
-                os._exit(0)
-            message = pickle.loads(data)
-            try:
-                getattr(self, "on_" + message[0])(*message[1:])
+                control.dispatch(self.handlers, message)
             except Exception:        # a bug in one message must not strand the ones after it
-                logs.message(f"worker {self.index}: error handling {message[0]}: "
-                             + traceback.format_exc().strip().replace("\n", " | "))
+                logs.message(f"worker {self.index}: error handling {type(message).__name__}: "
+                             + trace())
 
     def _party(self, conn_id: int) -> Connection | None:
         conn = self.conns.get(conn_id)
-        if conn is None or conn.phase not in (Connection.JOINING, Connection.WAITING):
-            return None
-        return conn
+        return conn if conn is not None and conn.is_party else None
 
-    def on_rejected(self, conn_id: int, status: int, reason: str) -> None:
+    def on_rejected(self, m: control.Rejected) -> None:
+        self._refuse(m.conn, m.status, m.reason)
+
+    def on_expired(self, m: control.Expired) -> None:
+        self._refuse(m.conn, 408, m.reason)
+
+    def _refuse(self, conn_id: int, status: int, reason: str) -> None:
         conn = self._party(conn_id)
         if conn is None:
             return
+        self.hangups.discard(conn)
         if conn.head_sent:
             conn.write_progress(f"[ERROR] {reason}\n")
-            conn.close_after_progress()
+            conn.close_gracefully()
         else:
             conn.fail(HttpError(status, reason))
 
-    def on_expired(self, conn_id: int, reason: str) -> None:
-        self.on_rejected(conn_id, 408, reason)
-
-    def on_progress(self, conn_id: int, connected: int, n: int) -> None:
-        conn = self._party(conn_id)
+    def on_progress(self, m: control.Progress) -> None:
+        conn = self._party(m.conn)
         if conn is None:
             return
-        if conn.phase == Connection.JOINING:
-            conn.phase = Connection.WAITING
-            conn.accept_sender()
-            conn.write_progress(f"[INFO] Waiting for {n} receiver(s)...\n")
-        conn.write_progress(f"[INFO] {connected} of {n} receiver(s) connected.\n")
+        if not conn.head_sent:
+            conn.accepted()
+            conn.write_progress(f"[INFO] Waiting for {m.n} receiver(s)...\n")
+        conn.write_progress(f"[INFO] {m.connected} of {m.n} receiver(s) connected.\n")
 
-    def on_start_sender(self, conn_id: int, slot: int, gen: int, mode: str, n: int,
-                        receiver_workers: list[int]) -> None:
-        conn = self._party(conn_id)
-        if conn is not None:
-            if self.waiting_senders.pop(conn.fd, None) is not None:
-                self.epoll.unregister(conn.fd)
-            if conn.phase == Connection.JOINING:
-                conn.accept_sender()
-            conn.write_progress(f"[INFO] Start sending to {n} receiver(s)!\n")
-        if conn is None or conn.phase == Connection.CLOSED:
+    def on_start_sender(self, m: control.StartSender) -> None:
+        conn = self._party(m.conn)
+        writer = ring.RingWriter(self.arena, m.slot, m.receiver_workers, m.mode == "sendfile",
+                                 self.config.punch_block, self.kick)
+        if conn is None:
             # It left as the rendezvous completed: the receivers see an empty, aborted body.
-            f = ring.SlotFields(self.arena, slot)
-            self.arena.store(f.state, ring.ABORTED)
-            ring.fence()
-            for w in receiver_workers:
-                self.kick(w)
-            self.report("sender_lost", slot, gen, "the sender left as the transfer started", 0)
-            self.report("released", slot, gen, "sender")
+            writer.finish(0, ring.ABORTED)
+            self.report(control.SenderLost(m.slot, m.gen, control.Outcome.SENDER_LOST,
+                                           "the sender left as the transfer started", 0))
+            self.report(control.Released(m.slot, m.gen, "sender"))
             return
-        stream = SenderStream(self, conn, slot, gen, mode, n, receiver_workers)
-        self.senders[slot] = stream
-        stream.start()
+        self.hangups.discard(conn)
+        conn.accepted()
+        conn.write_progress(f"[INFO] Start sending to {m.n} receiver(s)!\n")
+        c = self.config
+        slow = conn.pipe.slow or c.slow
+        stream = SenderStream(
+            writer, conn.sock, self.loop, conn.body(),
+            SpillPlan(c.spill_dir, c.spill_limit, slow == "drop", self.spill_budget),
+            m.n, m.gen,
+            SenderHooks(progress=conn.write_progress, close=conn.close_gracefully,
+                        report=self.report, released=self.sender_released),
+            self.counters, conn.path)
+        conn.attach(stream)
+        self.senders[m.slot] = stream
+        stream.guarded(stream.start)
 
-    def on_start_receivers(self, slot: int, gen: int, mode: str, conn_ids: list[int],
-                           info: dict) -> None:
-        group = ReceiverGroup(self, slot, gen, mode, info)
-        self.groups[slot] = group
-        for conn_id in conn_ids:
+    def on_start_receivers(self, m: control.StartReceivers) -> None:
+        c = self.config
+        group = ReceiverGroup(
+            ring.RingReader(self.arena, m.slot, self.index, self.kick), self.loop, m.gen,
+            m.mode == "sendfile", m.info,
+            DeliveryLimits(switch_lag=(c.window - c.punch_block) // 2,
+                           spill_limit=c.spill_limit),
+            GroupHooks(report=self.report, released=self.group_released), self.counters)
+        self.groups[m.slot] = group
+        for conn_id in m.conns:
             conn = self._party(conn_id)
             if conn is None:
-                self.report("receiver_ended", slot, gen, conn_id, False)
+                self.report(control.ReceiverEnded(m.slot, m.gen, conn_id, False))
             else:
-                group.add(conn)
-        group.service()
+                conn.attach(group.add(conn))
+        group.guarded(group.service)
+        if not group.receivers:
+            group.close()
 
-    def on_finished(self, slot: int, gen: int, ok: int, lost: int) -> None:
-        stream = self.senders.get(slot)
-        if stream is not None and stream.gen == gen:
-            stream.finished(ok, lost)
+    def on_finished(self, m: control.Finished) -> None:
+        stream = self.senders.get(m.slot)
+        if stream is not None and stream.gen == m.gen:
+            stream.guarded(lambda: stream.finished(m.ok, m.lost))
 
-    def on_abort_sender(self, slot: int, gen: int, reason: str) -> None:
-        stream = self.senders.get(slot)
-        if stream is not None and stream.gen == gen:
-            stream.receivers_gone(reason)
+    def on_abort_sender(self, m: control.AbortSender) -> None:
+        stream = self.senders.get(m.slot)
+        if stream is not None and stream.gen == m.gen:
+            stream.guarded(lambda: stream.receivers_gone(m.reason))
 
-    def spill_in_use(self) -> int:
-        """Spill bytes this worker's producers hold (the lag they keep on disk)."""
-        return sum(s.spill_bytes() for s in self.senders.values())
-
-    def drop_sender(self, stream: SenderStream) -> None:
+    def sender_released(self, stream: SenderStream) -> None:
         if self.senders.get(stream.slot) is stream:
             del self.senders[stream.slot]
-            self.report("released", stream.slot, stream.gen, "sender")
+            self.report(control.Released(stream.slot, stream.gen, "sender"))
             self.exit_when_idle()
 
-    def drop_group(self, group: ReceiverGroup) -> None:
+    def group_released(self, group: ReceiverGroup) -> None:
         if self.groups.get(group.slot) is group:
             del self.groups[group.slot]
-            self.report("released", group.slot, group.gen, "receivers")
+            self.report(control.Released(group.slot, group.gen, "receivers"))
             self.exit_when_idle()
 
     # -- data plane wake-ups ---------------------------------------------------------------
@@ -426,80 +468,50 @@ class Worker:
             logs.event("rejected", status=status, method=conn.method,
                        path=conn.url.split(b"?")[0][:200], peer=conn.peer, worker=self.index,
                        reason=reason)
-        if status not in ring.REJECTION_STATUSES:
-            status = 0
-        self.rejections[status] = self.rejections.get(status, 0) + 1
+        self.counters.reject(status)
 
     def access(self, conn: Connection, status: int, role: str = "") -> None:
         if self.config.access_log:
-            logs.event("request", method=conn.method, path=conn.url[:200], status=status,
+            logs.event("request", method=conn.method, path=conn.log_url[:200], status=status,
                        peer=conn.peer, worker=self.index, role=role or "-")
 
-    def publish_stats(self, reschedule: bool = True) -> None:
-        a, i, s = self.arena, self.index, self.stats
-        a.store(a.stat_index(i, ring.STAT_CONNECTIONS), len(self.conns))
-        a.store(a.stat_index(i, ring.STAT_SENDERS), s.senders)
-        a.store(a.stat_index(i, ring.STAT_RECEIVERS), s.receivers)
-        a.store(a.stat_index(i, ring.STAT_BYTES_IN), s.bytes_in)
-        a.store(a.stat_index(i, ring.STAT_BYTES_OUT), s.bytes_out)
-        a.store(a.stat_index(i, ring.STAT_HEARTBEAT), int(time.time()))
-        a.store(a.stat_index(i, ring.STAT_PIPES_ACTIVE), len(self.senders) + len(self.groups))
-        a.store(a.stat_index(i, ring.STAT_SENDERS_STREAMING), len(self.senders))
-        a.store(a.stat_index(i, ring.STAT_RECEIVERS_STREAMING),
-                sum(len(g.receivers) for g in self.groups.values()))
-        a.store(a.stat_index(i, ring.STAT_MAX_LAG),
-                max((g.max_lag() for g in self.groups.values()), default=0))
-        for k, status in enumerate(ring.REJECTION_STATUSES):
-            a.store(a.stat_index(i, ring.STAT_REJECTED0 + k), self.rejections.get(status, 0))
-        a.store(a.stat_index(i, ring.STAT_SPILL_BYTES), self.spill_in_use())
-        if reschedule:
-            self.check_timeouts()
-            self.loop.call_later(STATS_INTERVAL_S, self.publish_stats)
+    def gauges(self) -> stats.WorkerGauges:
+        return stats.WorkerGauges(
+            connections=len(self.conns), pipes_active=len(self.senders) + len(self.groups),
+            senders_streaming=len(self.senders),
+            receivers_streaming=sum(len(g.receivers) for g in self.groups.values()),
+            max_lag=max((g.max_lag() for g in self.groups.values()), default=0),
+            spill_bytes=self.spill_budget.mine)
 
-    def check_timeouts(self) -> None:
-        """Once a second, not on the data path: stalled receivers, idle senders, and memory
-        handed back after a crowd of connections left."""
+    def publish_stats(self) -> None:
+        self.block.publish(self.counters, self.gauges())
+
+    # -- the once-a-second tick ------------------------------------------------------------
+    def tick(self) -> None:
+        """Heartbeat first, then each chore guarded on its own: a failing pipe is aborted,
+        and the next tick comes regardless."""
+        self.loop.call_later(TICK_S, self.tick)
+        self.block.beat()
+        for chore in (self.publish_stats, self.trim, self.check_pipes):
+            try:
+                chore()
+            except Exception:
+                logs.message(f"worker {self.index}: error in {chore.__name__}: " + trace())
+
+    def trim(self) -> None:
+        """Memory handed back after a crowd of connections left."""
         if self.conn_peak - len(self.conns) > TRIM_AFTER_CLOSED:
             gc.collect()
             trim_heap()
             self.conn_peak = len(self.conns)
+
+    def check_pipes(self) -> None:
+        """Stalled receivers, idle senders; and a pass over each pipe (belt and braces: a
+        lost wake-up costs a second, not a hang). Each pipe is guarded on its own."""
         now, c = self.loop.time(), self.config
         for group in list(self.groups.values()):
-            group.close_stalled(now, c.receiver_stall_timeout_s)
-            group.service()      # belt and braces: a lost wake-up costs a second, not a hang
+            group.guarded(lambda: group.close_stalled(now, c.receiver_stall_timeout_s))
+            group.guarded(group.service)
         for stream in list(self.senders.values()):
-            stream.check_idle(now, c.sender_idle_timeout_s)
+            stream.guarded(lambda: stream.check_idle(now, c.sender_idle_timeout_s))
             stream.on_kick()
-
-    def health(self) -> dict:
-        self.publish_stats(reschedule=False)
-        a = self.arena
-        workers = []
-        for i in range(a.worker_slots):
-            pid = a.load(a.stat_index(i, ring.STAT_PID))
-            if not pid:
-                continue
-            stat = lambda field: a.load(a.stat_index(i, field))  # noqa: E731
-            workers.append({
-                "index": i, "pid": pid, "connections": stat(ring.STAT_CONNECTIONS),
-                "senders": stat(ring.STAT_SENDERS), "receivers": stat(ring.STAT_RECEIVERS),
-                "bytes_in": stat(ring.STAT_BYTES_IN), "bytes_out": stat(ring.STAT_BYTES_OUT),
-                "active_transfers": stat(ring.STAT_PIPES_ACTIVE),
-                "receiver_lag_max_bytes": stat(ring.STAT_MAX_LAG),
-                "spill_bytes": stat(ring.STAT_SPILL_BYTES)})
-        sup = lambda field: a.load(a.sup_index(field))  # noqa: E731
-        return {
-            "status": "draining" if self.draining else "ok",
-            "version": __version__,
-            "uptime_s": round(time.time() - sup(ring.SUP_STARTED_AT), 3),
-            "answered_by": self.index,
-            "workers_alive": len(workers),
-            "pipes_waiting": sup(ring.SUP_PIPES_WAITING),
-            "pipes_streaming": sup(ring.SUP_PIPES_STREAMING),
-            "slots_in_use": sup(ring.SUP_SLOTS_IN_USE),
-            "transfers_done": sup(ring.SUP_TRANSFERS_DONE),
-            "transfers_aborted": sup(ring.SUP_TRANSFERS_ABORTED),
-            "worker_restarts": sup(ring.SUP_RESTARTS),
-            "arena_resident_bytes": a.resident_bytes(),
-            "workers": workers,
-        }

@@ -4,7 +4,7 @@ Status rule under test: 401 when the credential does not verify for this exact r
 (missing, unknown token, forged or altered signed URL - changed path, n or exp - unknown key
 id, expired), 403 when a genuine credential is used for what it does not grant (a receive URL
 to send, a send URL to receive, a token outside its prefixes or roles), 429 past
-auth.FAILURE_LIMIT refusals per address.
+refusals.FAILURE_LIMIT refusals per address.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ import pytest
 
 from conftest import (CURL, curl_receiver, curl_sender, payload, sha256_file, wait_all,
                       wait_for, waiting_count)
-from relayd import auth, cli
+from relayd import auth, cli, refusals
+from relayd import sign as sign_cli
 
 KEY1 = secrets.token_hex(32)
 KEY2 = secrets.token_hex(32)
@@ -243,13 +244,13 @@ def test_25_bad_attempts_from_one_address_get_429_with_retry_after(relay, secret
     for _ in range(25):
         args += ["-o", "/dev/null", url]
     codes = subprocess.run(args, capture_output=True, text=True, timeout=60).stdout.split()
-    limit = auth.FAILURE_LIMIT
+    limit = refusals.FAILURE_LIMIT
     assert codes == ["401"] * limit + ["429"] * (25 - limit)
     # Blocked: even a valid credential is not checked, so guessing cannot go on.
     status, headers, body = curl_status(relay.url + sign(secret_file, "recv", "/llm/ok"))
     assert status == 429
     retry_after = int(headers.split("retry-after:")[1].split()[0])
-    assert 1 <= retry_after <= auth.FAILURE_WINDOW_S
+    assert 1 <= retry_after <= refusals.FAILURE_WINDOW_S
     assert relay.health()["status"] == "ok"                 # reserved paths stay open
 
 
@@ -327,7 +328,7 @@ def test_relayd_sign_prints_a_full_url_with_base_and_refuses_bad_input(secret_fi
     exp = int(url.split("exp=")[1].split("&")[0])
     assert abs(exp - (time.time() + 7200)) < 60
     for ttl, seconds in (("3600s", 3600), ("10m", 600), ("2h", 7200), ("1d", 86400), ("90", 90)):
-        assert auth.ttl_seconds(ttl) == seconds
+        assert sign_cli.ttl_seconds(ttl) == seconds
     for bad in (["--send", "/llm", "--ttl", "0"], ["--send", "/llm", "--ttl", "10x"],
                 ["--send", "/llm", "--recv", "/llm"], ["--send", "/llm", "--key-id", "k9"],
                 ["--send", "/llm?n=300"], ["--send", "/llm?n=2&x=1"], ["--send", "/health"],
@@ -335,7 +336,7 @@ def test_relayd_sign_prints_a_full_url_with_base_and_refuses_bad_input(secret_fi
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                code = auth.main([*bad, "--secret-file", str(secret_file)])
+                code = sign_cli.main([*bad, "--secret-file", str(secret_file)])
             except SystemExit as e:                     # argparse: usage error
                 code = e.code
         assert code in (1, 2) and out.getvalue() == "" and err.getvalue(), bad

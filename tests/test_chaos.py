@@ -6,12 +6,18 @@ deadline, so a loaded machine makes a case slower, never red.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
+import random
 import signal
+import socket
 
 import psutil
+import pytest
 
 from conftest import (MIB, SlowTransfer, curl_receiver, curl_sender, curl_transfer_works,
-                      health_retry, payload, sha256_file, wait_all, wait_for)
+                      health_retry, parse_head, payload, read_response, sha256_file, wait_all,
+                      wait_for)
 
 
 def worker_pids(relay) -> set[int]:
@@ -72,4 +78,47 @@ def test_sighups_in_quick_succession_lose_no_transfer_and_no_waiting_receiver(
     assert relay.proc.poll() is None
     assert "supervisor error" not in relay.stderr_text()
     curl_transfer_works(relay, tmp_path, "/after-the-reloads")
+    assert relay.wait_idle()["slots_in_use"] == 0
+
+
+def _half_closing_sender(port: int, path: str, body: bytes) -> bytes:
+    """A complete Content-Length request, then shutdown(SHUT_WR) (`nc -N`); the response."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=60)
+    s.sendall(b"PUT %s HTTP/1.1\r\nHost: relay\r\nContent-Length: %d\r\n\r\n"
+              % (path.encode(), len(body)) + body)
+    s.shutdown(socket.SHUT_WR)
+    return read_response(s, limit=1 << 24)
+
+
+def _receive(port: int, path: str) -> bytes:
+    s = socket.create_connection(("127.0.0.1", port), timeout=60)
+    s.sendall(b"GET %s HTTP/1.1\r\nHost: relay\r\n\r\n" % path.encode())
+    status, headers, body = parse_head(read_response(s, limit=1 << 24))
+    s.close()
+    return body if status == 200 and len(body) == int(headers["content-length"]) else b""
+
+
+@pytest.mark.parametrize("first", ["senders", "receivers"])
+def test_senders_that_half_close_after_a_complete_body_reach_every_receiver(start_relay, first):
+    relay = start_relay(workers=2)
+    pipes, n, size = 400, 4, 320 * 1024
+    bodies = {f"/half-closed-{i}?n={n}": random.Random(i).randbytes(size) for i in range(pipes)}
+    expected = {path: hashlib.sha256(body).hexdigest() for path, body in bodies.items()}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=pipes * (n + 1)) as pool:
+        if first == "receivers":
+            got = {path: [pool.submit(_receive, relay.port, path) for _ in range(n)]
+                   for path in bodies}
+            wait_for(lambda: health_retry(relay)["pipes_waiting"] == pipes, timeout=60,
+                     what="every pipe's receivers waiting")
+        sent = {path: pool.submit(_half_closing_sender, relay.port, path, body)
+                for path, body in bodies.items()}
+        if first == "senders":
+            wait_for(lambda: health_retry(relay)["pipes_waiting"] == pipes, timeout=60,
+                     what="every pipe's sender waiting")
+            got = {path: [pool.submit(_receive, relay.port, path) for _ in range(n)]
+                   for path in bodies}
+        for path, futures in got.items():
+            shas = [hashlib.sha256(f.result()).hexdigest() for f in futures]
+            assert shas == [expected[path]] * n, (path, sent[path].result()[-300:])
+            assert b"Sent successfully" in sent[path].result()
     assert relay.wait_idle()["slots_in_use"] == 0

@@ -6,12 +6,14 @@ rendezvous timeout. Its `kick` and `log` are plain recorders; the arena is a rea
 """
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
 
 from relayd import ring
 from relayd.config import Config
+from relayd.control import Outcome
 from relayd.pipe import PipeState
 from relayd.rendezvous import Registry
 
@@ -49,9 +51,35 @@ def rec(capsys) -> Recorder:
     return r
 
 
+class PlainRegistry(Registry):
+    """The real Registry, its outboxes written as plain tuples: (message name, *fields)."""
+
+    def _plain(self, outbox):
+        return [(w, (re.sub(r"(?<!^)([A-Z])", r"_\1", type(m).__name__).lower(), *m))
+                for w, m in outbox]
+
+    def join(self, *args):
+        return self._plain(super().join(*args))
+
+    def leave(self, *args):
+        return self._plain(super().leave(*args))
+
+    def expire(self, *args):
+        return self._plain(super().expire(*args))
+
+    def receiver_ended(self, *args, **kw):
+        return self._plain(super().receiver_ended(*args, **kw))
+
+    def sender_lost(self, *args):
+        return self._plain(super().sender_lost(*args))
+
+    def worker_died(self, *args):
+        return self._plain(super().worker_died(*args))
+
+
 def make_registry(arena, rec, **config) -> Registry:
     config.setdefault("workers", 1)          # worker_slots = 2, as the arena
-    return Registry(Config(**config), arena, rec.kick)
+    return PlainRegistry(Config(**config), arena, rec.kick)
 
 
 @pytest.fixture
@@ -278,7 +306,7 @@ def test_a_worker_holding_sender_and_receivers_frees_the_slot_only_after_both(ar
     published: the ring must not be punched (zeroed) under them."""
     _, (slot, gen) = start_transfer(registry, b"/both", (0, 1), ((0, 2),))
     f = ring.SlotFields(arena, slot)
-    registry.sender_lost(0, slot, gen, "test")
+    registry.sender_lost(0, slot, gen, Outcome.SENDER_LOST, "test")
     registry.released(0, slot, gen, "sender")
     assert slot not in registry.slots.free and arena.load(f.state) != ring.IDLE
     registry.receiver_ended(0, slot, gen, 2, ok=False)
@@ -289,7 +317,7 @@ def test_a_worker_holding_sender_and_receivers_frees_the_slot_only_after_both(ar
 def test_a_freed_slot_takes_the_next_transfer_when_the_table_was_full(arena, registry):
     _, (slot1, gen1) = start_transfer(registry, b"/f1", (0, 1), ((1, 2),))
     start_transfer(registry, b"/f2", (0, 3), ((1, 4),))
-    registry.sender_lost(0, slot1, gen1, "test")
+    registry.sender_lost(0, slot1, gen1, Outcome.SENDER_LOST, "test")
     registry.receiver_ended(1, slot1, gen1, 2, ok=False)
     registry.released(0, slot1, gen1)
     registry.released(1, slot1, gen1)

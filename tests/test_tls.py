@@ -82,8 +82,8 @@ class TlsFront:
         wait_for(serving, timeout=15, interval=0.1, what="haproxy serving TLS")
 
     def sign(self, role: str, target: str) -> str:
-        from relayd import auth
-        return auth.sign_url(auth.load_secrets(str(self.secret)), role, target, 600)
+        from relayd import secretfile, sign
+        return sign.sign_url(secretfile.load_secrets(str(self.secret)), role, target, 600)
 
     def stop(self) -> None:
         stop_process(self.proc)

@@ -1,0 +1,222 @@
+"""The control plane between the supervisor and its workers: typed messages and the channel
+that carries them.
+
+One SOCK_SEQPACKET socketpair per worker keeps message boundaries. Messages are rare (one per
+connection event, never per byte) and are batched: everything sent during one pass of the
+sender's loop goes out as one datagram holding a list, so a pipe's start costs one datagram
+per worker involved, not one per party. Messages carry connection ids, never descriptors.
+
+Both ends use `Channel`; each dispatches what it receives through a table of handlers keyed
+by message type (`dispatch`).
+"""
+from __future__ import annotations
+
+import enum
+import pickle
+import socket
+from typing import Callable, NamedTuple
+
+MAX_DATAGRAM = 64 * 1024          # a batch is split beyond this (SEQPACKET's send buffer)
+RECV_BYTES = 1 << 20
+
+
+class Outcome(enum.Enum):
+    """How a transfer ended, for its log line and the relayd_transfers counter."""
+    OK = "ok"
+    OK_SOME_RECEIVERS_LEFT = "ok_some_receivers_left"
+    SENDER_LOST = "sender_lost"
+    RECEIVERS_LEFT = "receivers_left"
+    WORKER_DIED = "worker_died"
+    SHUTDOWN = "shutdown"
+    RELAY_ERROR = "relay_error"       # an exception in the relay aborted this pipe only
+
+    @property
+    def aborted(self) -> bool:
+        return self not in (Outcome.OK, Outcome.OK_SOME_RECEIVERS_LEFT)
+
+
+class SenderInfo(NamedTuple):
+    """What the receivers' response carries from the sender's request."""
+    content_type: bytes
+    headers: list                     # [(name, value)] forwarded as they came
+    length: int | None                # Content-Length of the body, None when chunked
+
+
+# -- worker -> supervisor ----------------------------------------------------------------
+class Ready(NamedTuple):
+    pid: int
+
+
+class Join(NamedTuple):
+    conn: int
+    role: str                         # "sender" | "receiver"
+    path: bytes
+    n: int
+    info: SenderInfo | None           # a sender's; None for a receiver
+
+
+class Leave(NamedTuple):
+    conn: int
+
+
+class ReceiverEnded(NamedTuple):
+    slot: int
+    gen: int
+    conn: int
+    ok: bool                          # every byte queued (else: left, cut or aborted)
+
+
+class BodyEnded(NamedTuple):
+    slot: int
+    gen: int
+    nbytes: int
+
+
+class SenderLost(NamedTuple):
+    slot: int
+    gen: int
+    outcome: Outcome
+    reason: str
+    nbytes: int
+
+
+class Released(NamedTuple):
+    slot: int
+    gen: int
+    role: str                         # "sender" | "receivers"
+
+
+# -- supervisor -> worker ----------------------------------------------------------------
+class Rejected(NamedTuple):
+    conn: int
+    status: int
+    reason: str
+
+
+class Expired(NamedTuple):
+    conn: int
+    reason: str
+
+
+class Progress(NamedTuple):
+    conn: int
+    connected: int
+    n: int
+
+
+class StartSender(NamedTuple):
+    conn: int
+    slot: int
+    gen: int
+    mode: str                         # "copy" | "sendfile"
+    n: int
+    receiver_workers: list
+
+
+class StartReceivers(NamedTuple):
+    slot: int
+    gen: int
+    mode: str
+    conns: list
+    info: SenderInfo
+
+
+class Finished(NamedTuple):
+    slot: int
+    gen: int
+    ok: int
+    lost: int
+
+
+class AbortSender(NamedTuple):
+    slot: int
+    gen: int
+    reason: str
+
+
+class Retire(NamedTuple):
+    """Reload: a new generation listens; stop accepting and exit when idle."""
+
+
+Handlers = dict  # {message type: callable(message)}
+
+
+def dispatch(handlers: Handlers, message) -> None:
+    handlers[type(message)](message)
+
+
+class Channel:
+    """One end of a control socketpair: batches what is sent, keeps an outbox while the
+    socket is full, and splits received datagrams back into messages.
+
+    `on_pending` is called when the first message of a batch is queued: the owner arranges
+    a `flush()` soon (the worker with call_soon, the supervisor after its pass).
+    `want_write(True)` asks the owner to call `flush()` when the socket is writable again;
+    `want_write(False)` when that is no longer needed.
+    """
+
+    def __init__(self, sock: socket.socket, on_pending: Callable[[], None],
+                 want_write: Callable[[bool], None]):
+        self.sock = sock
+        self.on_pending = on_pending
+        self.want_write = want_write
+        self.pending: list = []
+        self.outbox: list[bytes] = []
+        self.broken = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, message) -> None:
+        if not self.pending:
+            self.on_pending()
+        self.pending.append(message)
+
+    def flush(self) -> bool:
+        """Send what is pending; True when nothing is left to send."""
+        if self.pending:
+            batch, self.pending = self.pending, []
+            self.outbox += _frames(batch)
+        while self.outbox and not self.broken:
+            try:
+                self.sock.send(self.outbox[0])
+            except (BlockingIOError, InterruptedError):
+                self.want_write(True)
+                return False
+            except OSError:
+                self.broken = True        # the other end is gone; its owner learns apart
+                break
+            self.outbox.pop(0)
+        if self.broken:
+            self.outbox.clear()
+        self.want_write(False)
+        return True
+
+    def receive(self, most: int = 256) -> list | None:
+        """Messages that have arrived (up to `most` datagrams); None once the peer is gone."""
+        messages: list = []
+        for _ in range(most):
+            try:
+                data = self.sock.recv(RECV_BYTES)
+            except (BlockingIOError, InterruptedError):
+                return messages
+            except OSError:
+                data = b""
+            if not data:
+                return messages or None
+            messages += pickle.loads(data)
+        return messages
+
+    def close(self) -> None:
+        self.pending.clear()
+        self.outbox.clear()
+        self.sock.close()
+
+
+def _frames(batch: list) -> list[bytes]:
+    """The batch as datagrams of at most MAX_DATAGRAM bytes (halved until it fits)."""
+    data = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+    if len(data) <= MAX_DATAGRAM or len(batch) == 1:
+        return [data]
+    half = len(batch) // 2
+    return _frames(batch[:half]) + _frames(batch[half:])
