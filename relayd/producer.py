@@ -34,6 +34,7 @@ import httptools
 from relayd import control, logs, ring
 from relayd.chunked import ChunkScanner, MalformedChunk
 from relayd.control import Outcome
+from relayd.fileio import SYSCALLS, Syscalls
 from relayd.spill import NO_LIMIT, Spill, SpillBudget, SpillWriter
 from relayd.stats import WorkerCounters
 
@@ -92,6 +93,7 @@ class SpillPlan:
     limit: int                    # bytes the slowest may lag (0: no spill)
     drop: bool                    # past a bound: cut the slowest instead of holding
     budget: SpillBudget
+    calls: Syscalls = SYSCALLS    # the file calls (tests inject faults here)
 
 
 @dataclasses.dataclass
@@ -328,7 +330,7 @@ class SenderStream:
         try:
             spill = SpillWriter(self.ring.arena, self.ring.f, self.ring.receiver_workers,
                                 self.plan.directory, start, self.plan.limit, self.plan.drop,
-                                self.plan.budget, self.ring.kick)
+                                self.plan.budget, self.ring.kick, self.plan.calls)
         except OSError as e:
             logs.message(f"spill unavailable for {self.path!r}: {e.strerror}; "
                          "the slowest receiver holds the producer")
