@@ -273,6 +273,16 @@ def test_worker_killed_mid_spill_leaves_no_spill_file(start_relay, tmp_path):
     os.kill(victim, signal.SIGKILL)         # the producer's worker: the transfer aborts
     codes = wait_all([sender, *fast])
     assert codes[0] != 0 and all(c in (0, 18, 56) for c in codes[1:])
+    data = src.read_bytes()
+    for code, out in zip(codes[1:], outs):       # whole if it exited 0, else a prefix
+        got = out.read_bytes() if out.exists() else b""
+        assert got == data if code == 0 else got == data[:len(got)], (code, len(got))
+    slow.rate = 1 << 30                          # only its bytes matter now: read the rest
+    slow.join(60)
+    body, _ = slow.body()
+    # The lagging one: short, never corrupt (or whole, when the body had all arrived and its
+    # worker lived on to send it from the spill file).
+    assert body == data[:len(body)]
     slow.sock.close()
     wait_for(lambda: relay.health()["workers_alive"] == 2 and relay.health()["slots_in_use"] == 0,
              what="respawn and cleanup")
