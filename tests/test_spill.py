@@ -129,13 +129,18 @@ def test_slow_receiver_spills_while_fast_ones_finish_first_with_identical_bytes(
     spill_dir.mkdir()
     relay = start_relay("--window", "512k", "--spill-dir", str(spill_dir), workers=2)
     size = 30 * WINDOW
-    src, outs, fast, slow, sender = run_pipe(relay, tmp_path, size)
-    spilled = wait_for(lambda: sum(w["spill_bytes"] for w in relay.health()["workers"]),
-                       what="spill in use")
-    assert wait_all(fast) == [0] * 4
-    fast_done = time.monotonic()
-    assert slow.is_alive(), "the slow receiver should still be reading"
-    assert [sha256_file(o) for o in outs] == [sha256_file(src)] * 4
+    go = threading.Event()      # the slow receiver reads nothing past its head until then
+    src, outs, fast, slow, sender = run_pipe(relay, tmp_path, size, go=go)
+    try:
+        spilled = wait_for(lambda: sum(w["spill_bytes"] for w in relay.health()["workers"]),
+                           what="spill in use")
+        assert wait_all(fast) == [0] * 4
+        fast_done = time.monotonic()
+        assert slow.is_alive() and len(slow.raw) < size, "the slow receiver is not behind"
+        assert [sha256_file(o) for o in outs] == [sha256_file(src)] * 4
+    finally:
+        slow.rate = 64 << 20    # the order is shown: it may now take its bytes from the file
+        go.set()
     slow.join(60)
     body, complete = slow.body()
     assert complete and body == src.read_bytes()
