@@ -1,11 +1,15 @@
 """Smoke run of the benchmark harness (scripts/bench --quick): integrity and report shape.
 
 No timing is asserted: speed is measured by scripts/bench, never asserted in tests.
-Skips (with the reason) when piping-server (npm) or nginx (apt) cannot be installed.
+The quick bench needs nginx and node from the system (.ci/run installs them with npm) and
+piping-server, which npm installs into .bench-cache. None of them is optional: a missing one
+fails the test with what to install, it never skips, since a skip would hide a broken CI.
+The other tests here need only relayd and curl.
 """
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +18,7 @@ import pytest
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
 
-from bench_lib import deps  # noqa: E402
+from bench_lib import deps, servers  # noqa: E402
 from bench_lib.http_body import ResponseDecoder  # noqa: E402
 from bench_lib.workloads import IntegrityError, verify  # noqa: E402
 
@@ -67,16 +71,23 @@ def test_verify_names_a_receiver_whose_bytes_differ():
 
 
 @pytest.fixture(scope="module")
-def dependencies():
-    try:
-        deps.ensure_curl()
+def bench_servers():
+    """nginx present and piping-server installed, or the test fails saying what is missing.
+    Nothing is installed from the system's packages here: that is .ci/run's job."""
+    if shutil.which(servers.nginx_binary()) is None:
+        pytest.fail("nginx is missing: apt-get install -y nginx (.ci/run installs it)",
+                    pytrace=False)
+    try:   # node must be there; npm only while .bench-cache lacks the pinned piping-server
         deps.ensure_piping_server(os.path.join(REPO_ROOT, ".bench-cache"))
-        deps.ensure_nginx()
+        problem = None
     except deps.MissingDependency as exc:
-        pytest.skip(f"benchmark dependency unavailable: {exc}")
+        problem = str(exc)
+    if problem:
+        pytest.fail(f"piping-server {deps.PIPING_SERVER_VERSION} is unavailable: {problem}",
+                    pytrace=False)
 
 
-def test_quick_bench_verifies_every_receiver_and_reports_every_row(dependencies, tmp_path):
+def test_quick_bench_verifies_every_receiver_and_reports_every_row(bench_servers, tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", "bench"),
                            "--quick", "--repeat", "1", "--json", str(out)],

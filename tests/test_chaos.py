@@ -140,6 +140,10 @@ def test_kill_9_of_a_worker_mid_transfer_ends_its_pipes_visibly_short_and_the_ot
              what="every pipe streaming")
     for t in transfers:
         assert t.paused.wait(20)
+    # Really in flight: every receiver has part of its body, none all of it.
+    wait_for(lambda: all(o.exists() and o.stat().st_size > 0 for t in transfers
+                         for o in t.outs), timeout=30, what="every receiver has bytes")
+    assert all(o.stat().st_size < 3 * MIB for t in transfers for o in t.outs)
     victim = next(w["pid"] for w in relay.health()["workers"] if w["index"] == 0)
     os.kill(victim, signal.SIGKILL)
     results = [t.wait() for t in transfers]
