@@ -30,9 +30,10 @@ import time
 import psutil
 import pytest
 
-from conftest import (MIB, transfer_logs, curl_receiver, curl_sender, curl_transfer_works, health_retry,
-                      payload, raw_request, read_response, read_until_closed, sha256_file,
-                      start_slow_transfer, wait_all, wait_for, waiting_count)
+from conftest import (MIB, SHORT_BODY, curl_receiver, curl_sender,
+                      curl_transfer_works, health_retry, payload, raw_request, read_response,
+                      read_until_closed, sha256_file, start_slow_transfer, transfer_logs,
+                      wait_all, wait_for, waiting_count)
 
 
 
