@@ -3,7 +3,7 @@
 # rank the catalog against their own item, one producer that embeds the catalog once and
 # pipes the vectors to all eight. Then relayd is stopped.
 #
-#   examples/embeddings/run.sh              # about 10 s on 2 cores
+#   examples/embeddings/run.sh              # about 6 s on 2 cores
 #   examples/embeddings/run.sh --baseline   # then embed the catalog 8 times without the pipe
 #   examples/embeddings/run.sh --out DIR    # keep every process's output in DIR
 #
