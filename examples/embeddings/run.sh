@@ -13,6 +13,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 python=${PYTHON:-$here/../../.venv/bin/python}
+[ -x "$python" ] || { echo "$0: no $python; make the venv first (see README.md)" >&2; exit 1; }
 n=8
 # Each consumer's query: "more like this item". One per department, so the fleet's
 # answers differ while the vectors they score with are the same.
@@ -102,9 +103,10 @@ echo
 echo "the pipe: one embedding pass served $n consumers; $same of $n consumers' vectors are" \
      "bit-identical to the producer's"
 [ "$same" = "$n" ] || exit 1
-[ "$baseline" = yes ] || echo "(run.sh --baseline then embeds the catalog $n times without the pipe, to compare)"
 
 if [ "$baseline" = yes ]; then
     echo
     "$python" "$here/baseline.py" --passes "$n" --catalog "$here/catalog.tsv"
+else
+    echo "(run.sh --baseline then embeds the catalog $n times without the pipe, to compare)"
 fi

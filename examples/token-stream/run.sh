@@ -12,6 +12,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 python=${PYTHON:-$here/../../.venv/bin/python}
+[ -x "$python" ] || { echo "$0: no $python; make the venv first (see README.md)" >&2; exit 1; }
 n=50
 pause=0.02
 out=
@@ -88,8 +89,8 @@ relayd_stop=TERM
 "$here/producer.py" --stream 0 "$here/answer.txt" 2>/dev/null \
     | jq -c .delta | "$here/score.py" --worker direct >"$out/direct.txt"
 
-for i in 1 2 3; do
-    [ "$i" -le "$n" ] && cat "$out/worker-$i.txt"
+for i in $(seq 1 $((n < 3 ? n : 3))); do
+    cat "$out/worker-$i.txt"
 done
 [ "$n" -le 3 ] || echo "... ($((n - 3)) more in the same shape)"
 cat "$out/producer.txt"
