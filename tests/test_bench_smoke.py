@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
 
 from bench_lib import deps  # noqa: E402
 from bench_lib.http_body import ResponseDecoder  # noqa: E402
+from bench_lib.receivers import ComparedBody  # noqa: E402
 from bench_lib.workloads import IntegrityError, verify  # noqa: E402
 
 BENCH_TIMEOUT_S = 240
@@ -66,6 +67,30 @@ def test_verify_names_a_receiver_whose_bytes_differ():
         verify([good, bad], 3, good["sha256"], "test")
 
 
+def test_verify_names_a_compared_body_that_differs_from_the_payload():
+    good = {"index": 0, "check": "compare", "bytes": 3, "mismatch_at": None, "complete": True,
+            "error": None}
+    bad = dict(good, index=1, mismatch_at=2)
+    verify([good], 3, "unused by compare", "test")
+    with pytest.raises(IntegrityError, match="DIFFERS from the payload at byte 2"):
+        verify([good, bad], 3, "unused by compare", "test")
+
+
+def test_compared_body_finds_the_first_differing_byte_and_extra_bytes():
+    reference = b"0123456789"
+    same = ComparedBody(reference, 2, 5)
+    for piece in (b"23", b"456"):
+        same.update(memoryview(piece))
+    assert same.outcome() == {"check": "compare", "bytes": 5, "mismatch_at": None}
+    changed = ComparedBody(reference, 2, 5)
+    changed.update(memoryview(b"23"))
+    changed.update(memoryview(b"4x6"))
+    assert changed.outcome()["mismatch_at"] == 3
+    longer = ComparedBody(reference, 2, 5)
+    longer.update(memoryview(b"234567"))    # one byte past the slice, though the file has it
+    assert longer.outcome()["mismatch_at"] == 5
+
+
 @pytest.fixture(scope="module")
 def dependencies():
     try:
@@ -99,6 +124,8 @@ def test_quick_bench_verifies_every_receiver_and_reports_every_row(dependencies,
             assert all(row["servers"][name]["median"] == 0 for name in names)
     assert "relayd/piping-server" in rows[("throughput", "N=50, 4 MiB", "GB/s")]["ratios"]
     assert "== throughput" in done.stdout and "relayd/nginx" in done.stdout
+    assert document["meta"]["clients"]["receiver_check"] == "compare"
+    assert "every body byte compared with the payload file" in done.stdout
 
 
 def test_compare_relayd_runs_each_option_set_and_reports_it():
