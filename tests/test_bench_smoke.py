@@ -14,10 +14,11 @@ import pytest
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
 
-from bench_lib import deps  # noqa: E402
+from bench_lib import deps, servers  # noqa: E402
 from bench_lib.http_body import ResponseDecoder  # noqa: E402
+from bench_lib.payload import PayloadCache  # noqa: E402
 from bench_lib.receivers import ComparedBody  # noqa: E402
-from bench_lib.workloads import IntegrityError, verify  # noqa: E402
+from bench_lib.workloads import IntegrityError, run_many_pipes, verify  # noqa: E402
 
 BENCH_TIMEOUT_S = 240
 PIPE_SERVERS = ("relayd", "piping-server")
@@ -30,6 +31,10 @@ EXPECTED_ROWS = {
     ("waiting", "1000 waiting", "RSS waiting MiB"), ("waiting", "1000 waiting", "not waiting"),
     ("transmit", "throughput N=50, 4 MiB", "GB/s"), ("transmit", "latency N=50, 200 lines",
                                                      "p99 ms"),
+    ("manypipes", "P=1, 16 MiB each", "GB/s"), ("manypipes", "P=1, 16 MiB each", "CPU s/GB"),
+    ("manypipes", "P=100, 164 KiB each", "CPU ms/pipe"),
+    ("manypipes", "P=100, 164 KiB each", "pipes/s"),
+    ("manypipes", "P=100, 164 KiB each", "receivers refused"),
 }
 
 
@@ -91,6 +96,20 @@ def test_compared_body_finds_the_first_differing_byte_and_extra_bytes():
     assert longer.outcome()["mismatch_at"] == 5
 
 
+def test_many_pipes_past_max_transfers_counts_refused_receivers_and_verifies_the_rest(
+        tmp_path):
+    """8 pipes open at once on a relayd with 4 ring slots: a receiver answered 503 is
+    counted, not failed; every other receiver's bytes are checked."""
+    os.chmod(tmp_path, 0o755)
+    payload = PayloadCache(str(tmp_path)).get(8 * 4096)
+    with servers.RelaydServer(str(tmp_path), REPO_ROOT, 2,
+                              options=["--max-transfers", "4"]) as relay:
+        figures = run_many_pipes(relay, payload, pipes=8, n=2)
+    refused_pipes = 8 - figures["pipes delivered"]
+    assert figures["receivers refused"] == 2 * refused_pipes
+    assert figures["delivered_bytes"] == 2 * 4096 * figures["pipes delivered"]
+
+
 @pytest.fixture(scope="module")
 def dependencies():
     try:
@@ -114,6 +133,7 @@ def test_quick_bench_verifies_every_receiver_and_reports_every_row(dependencies,
     assert EXPECTED_ROWS <= set(rows)
     for (workload, case, metric), row in rows.items():
         names = {"throughput": PIPE_SERVERS + ("nginx",), "slow": PIPE_SERVERS + ("nginx",),
+                 "manypipes": PIPE_SERVERS + ("nginx",),
                  "transmit": ("relayd copy", "relayd sendfile", "relayd auto")
                  }.get(workload, PIPE_SERVERS)
         for name in names:

@@ -9,6 +9,8 @@ One module per responsibility:
   http_body   incremental HTTP/1.1 response decoder (head, Content-Length, chunked)
   receivers   one process driving many lean GET receivers with selectors (run as a program;
               the harness runs one per usable core), every body byte checked
+  pipes       the producers and receivers of many pipes, over the same loop (a program)
+  listen_queue  a server's accept-queue fill (sock_diag), so connects never overflow it
   producer    paced chunked "token" producer on a raw socket (run as a program)
   workloads   one measured run of each workload against one server, integrity checked
   stats       median / min / max of repeated runs

@@ -28,6 +28,7 @@ MIB = 1 << 20
 # Receivers and producers are bounded: generous for the slowest expected rate, never forever.
 MIN_RUN_DEADLINE_S = 60
 SLOWEST_EXPECTED_BPS = 20e6
+SLOWEST_EXPECTED_PIPES_PER_S = 50
 LATENCY_SETTLE_S = 0.3
 PRODUCER_FAILURE_GRACE_S = 10
 RESULT_POLL_S = 0.05
@@ -370,6 +371,75 @@ def run_slow_receiver(server, payload, n, throttle_bps, clients=Clients()):
     with_slow = run_fast_receivers(server, payload, n, throttle_bps, clients)
     return {"fast GB/s, all fast": all_fast, "fast GB/s, one slow": with_slow,
             "ratio": with_slow / all_fast}
+
+
+def run_many_pipes(server, payload, pipes, n, clients=Clients()):
+    """`pipes` concurrent pipes x n receivers, each pipe a distinct slice of the payload
+    (payload.size // pipes bytes, Content-Length): delivered GB/s, server CPU per GB and per
+    pipe, pipes delivered per second, receivers refused (503: counted, never a failure).
+
+    nginx (no producer) serves each slice as a Range of the payload file to its n receivers.
+    Clients: bench_lib.pipes, one process per usable core, stepped together (see there).
+    """
+    size = payload.size // pipes
+    processes = max(1, min(clients.processes, pipes * n))
+    deadline_s = (deadline_for(size * pipes * n)
+                  + pipes * (n + 1) / processes / SLOWEST_EXPECTED_PIPES_PER_S)
+    prefix = ("/" + os.path.basename(payload.path) if not server.has_producer
+              else unique_path("pipes"))
+    common = ["--port", server.port, "--prefix", prefix, "--pipes", pipes, "--n", n,
+              "--size", size, "--reference", payload.path, "--reference-sha256", payload.sha256,
+              "--processes", processes] + ([] if server.has_producer else ["--static"])
+    group = []
+    try:
+        for index in range(processes):
+            group.append(ClientProcess("pipes", common + ["--process-index", index],
+                                       deadline_s, stdin=subprocess.PIPE))
+        for client in group:
+            client.expect("PREPARED")
+        cpu_before = server.cpu_seconds()
+        for client in group:
+            client.send("GO")
+        for client in group:
+            client.expect("RECEIVERS")
+        for client in group:
+            client.send("PRODUCERS")
+        unanswered = sum(client.expect("HEADS")["unanswered"] for client in group)
+        for client in group:
+            client.send("BODIES")
+        results = wait_results(group)
+        cpu_used = server.cpu_seconds() - cpu_before
+    finally:
+        for client in group:
+            client.kill()
+    server.check_alive()
+    total = {key: sum(r[key] for r in results)
+             for key in ("receivers", "ok", "refused", "failed", "corrupt", "delivered_bytes")}
+    pipes_delivered = pipes - len(set().union(*(r["pipes_not_delivered"] for r in results)))
+    if total["failed"]:
+        failures = [text for r in results for text in r["failures"]][:5]
+        raise IntegrityError(
+            f"{server.name} manypipes P={pipes}: {total['failed']}/{total['receivers']} "
+            f"receivers wrong ({total['corrupt']} with corrupt bytes; expected {size} B each, "
+            f"503 refusals not counted): {'; '.join(failures)}")
+    elapsed_s = (max(r["t_last_done_ns"] for r in results)
+                 - min(r["t_first_connect_ns"] for r in results)) / 1e9
+    delivered_gb = total["delivered_bytes"] / GB
+    producers = {}
+    for result in results:
+        for status, count in result["producers"].items():
+            producers[status] = producers.get(status, 0) + count
+    return {"GB/s": delivered_gb / elapsed_s,
+            "CPU s/GB": cpu_used / delivered_gb if delivered_gb else None,
+            "CPU ms/pipe": cpu_used / pipes * 1000,
+            "pipes/s": pipes_delivered / elapsed_s,
+            "receivers refused": total["refused"],
+            "pipes": pipes, "pipes delivered": pipes_delivered, "bytes_per_pipe": size, "elapsed_s": elapsed_s, "cpu_s": cpu_used,
+            "delivered_bytes": total["delivered_bytes"], "producers": producers,
+            "producer_errors": [e for r in results for e in r["producer_errors"]][:5],
+            "producers unanswered before the bodies": unanswered,
+            "client_processes": processes,
+            "client_cpu_s": sum(r["client_cpu_s"] for r in results)}
 
 
 def run_waiting(server, count, settle_s=WAITING_SETTLE_S):
