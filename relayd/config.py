@@ -85,6 +85,11 @@ class Config:
             raise ConfigError(f"--max-transfers {self.max_transfers}: must be 1..65536")
         if self.max_pipes < 1:
             raise ConfigError(f"--max-pipes {self.max_pipes}: must be at least 1")
+        if self.max_connections < 1:
+            raise ConfigError(f"--max-connections {self.max_connections}: must be at least 1")
+        if self.max_uri_bytes < 64 or self.max_header_bytes < 1024 or self.max_header_count < 8:
+            raise ConfigError("request head limits below 64-byte URIs, 1 KiB of header fields "
+                              "or 8 fields would refuse ordinary clients")
         if self.slow not in SLOW_POLICIES:
             raise ConfigError(f"--slow {self.slow}: must be block or drop")
         if self.spill_limit < 0 or self.spill_budget < 0:

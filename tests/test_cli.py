@@ -54,8 +54,12 @@ def test_help_mentions_transmit_and_window():
     assert "--transmit" in done.stdout and "--window" in done.stdout
 
 
-@pytest.mark.parametrize("flag,value", [("--window", "1000"), ("--workers", "0"),
-                                        ("--transmit", "nope"), ("--port", "70000")])
+@pytest.mark.parametrize("flag,value", [
+    ("--window", "1000"), ("--workers", "0"), ("--transmit", "nope"), ("--port", "70000"),
+    ("--max-connections", "0"), ("--max-connections", "-5"), ("--max-pipes", "0"),
+    ("--max-transfers", "0"), ("--spill-limit", "-1"), ("--spill-budget", "-1"),
+    ("--rendezvous-timeout", "0"), ("--head-timeout", "-1"), ("--worker-timeout", "0"),
+    ("--sendfile-from-n", "0")])
 def test_a_bad_flag_exits_2_with_a_message_naming_the_flag(flag, value):
     done = run("--host", "127.0.0.1", flag, value)
     assert done.returncode == 2, (done.stdout, done.stderr)

@@ -444,6 +444,18 @@ def test_put_to_a_reserved_path_gets_400_and_head_of_the_root_has_no_body(relay)
     assert waiting_count(relay) == 0
 
 
+def test_head_on_a_pipe_path_gets_405_with_allow_and_headers_only(relay):
+    s = raw_request(relay.port, b"HEAD /a-pipe?n=2 HTTP/1.1\r\nHost: relay\r\n\r\n")
+    data, closed = read_until_closed(s)
+    s.close()
+    status, headers, body = parse_head(data)
+    assert closed and status == 405
+    assert "PUT" in headers["allow"] and "GET" in headers["allow"]
+    assert int(headers["content-length"]) > 0      # what a GET would have carried ...
+    assert body == b""                              # ... but a HEAD answer has no body
+    assert waiting_count(relay) == 0
+
+
 # -- paths ------------------------------------------------------------------------------------
 def test_one_path_carries_three_transfers_one_after_another(relay, tmp_path):
     for i, order in enumerate((RECEIVERS_FIRST, SENDER_FIRST, RECEIVERS_FIRST)):
