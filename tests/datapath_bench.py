@@ -216,7 +216,7 @@ class ReceiverPeer:
         self.eof = False
         self.reset = False
         self.stalled = False
-        self.close_at: int | None = None
+        self.at: list[tuple[int, Callable[[], None]]] = []   # (bytes read, then do this)
         self.sip: tuple[int, float] | None = None
         sock.setblocking(False)
         bench.loop.add_reader(sock.fileno(), self._on_readable)
@@ -244,9 +244,9 @@ class ReceiverPeer:
             self.bench.loop.remove_reader(self.sock.fileno())
             return
         self.data += chunk
-        if self.close_at is not None and len(self.data) >= self.close_at:
-            self.vanish()
-        elif self.sip:
+        while self.at and len(self.data) >= self.at[0][0]:
+            self.at.pop(0)[1]()
+        if self.sip and not self.stalled and not self.eof:
             self.stall()
             self.bench.loop.call_later(self.sip[1], self.resume)
 
@@ -264,9 +264,14 @@ class ReceiverPeer:
     def vanish(self) -> None:
         """Close the socket (with unread bytes queued, the relay's side sees a reset)."""
         if self.sock.fileno() >= 0:
-            self.bench.loop.remove_reader(self.sock.fileno())
+            if not self.stalled and not self.eof:
+                self.bench.loop.remove_reader(self.sock.fileno())
             self.sock.close()
         self.eof = True
+
+    def half_close(self) -> None:
+        """shutdown(SHUT_WR): the relay reads EOF; this end goes on reading."""
+        self.sock.shutdown(socket.SHUT_WR)
 
     def response(self) -> "Response":
         return parse_response(bytes(self.data), self.reset)
@@ -285,6 +290,7 @@ class SenderPeer:
         self.response = bytearray()
         self.tails: list[int] = []     # the ring's tail after each paced piece
         self.fed = False
+        self.write_error: OSError | None = None   # the relay closed on the rest of the body
         sock.setblocking(False)
         bench.loop.add_reader(sock.fileno(), self._on_readable)
 
@@ -303,6 +309,15 @@ class SenderPeer:
             self.bench.loop.remove_reader(self.sock.fileno())
             return
         self.response += chunk
+
+    def vanish(self) -> None:
+        """Close the sender's socket (the loop must stop watching it first)."""
+        if self.sock.fileno() >= 0:
+            try:
+                self.bench.loop.remove_reader(self.sock.fileno())
+            except (ValueError, OSError):
+                pass
+            self.sock.close()
 
     def progress(self) -> str:
         """The sender's response body (its progress lines), de-chunked."""
@@ -333,7 +348,11 @@ class SenderPeer:
             for piece in pieces:
                 if pace and self.stream.state is SenderState.READING:
                     self.stream.ring.refresh()
-                await self.bench.loop.sock_sendall(self.sock, piece)
+                try:
+                    await self.bench.loop.sock_sendall(self.sock, piece)
+                except OSError as e:
+                    self.write_error = e
+                    return
                 if pace:
                     await self.bench.until(self.idle)
                     self.tails.append(self.stream.ring.tail)
@@ -545,6 +564,10 @@ class Bench:
                              f"limit={s.ring.limit} punched_end={s.ring.punched_end} "
                              f"hold_at={s.ring.hold_at} spill={getattr(s.spill, 'state', None)}")
             for g in part.groups.values():
+                lines.append(f"w{part.index} group: published={g.reader.published} "
+                             f"published_file={g.reader.published_file} "
+                             f"last_kicked_wake={g.reader.last_kicked_wake} "
+                             f"last_kicked_file_wake={g.reader.last_kicked_file_wake}")
                 for r in g.receivers:
                     lines.append(f"w{part.index} receiver {r.conn.id}: cursor={r.cursor} "
                                  f"blocked={r.blocked} in_file={r.in_file}")
