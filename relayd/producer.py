@@ -367,7 +367,10 @@ class SenderStream:
         f, a = self.ring.f, self.ring.arena
         self.ring.post_wake(self.ring.wake_mark(self.wake_space))
         if self.spill is not None:
-            a.store(f.file_wake_at, max(1, self.ring.tail + self.wake_space - self.plan.limit))
+            # Held for a stopped file, the ring frees only once no reader is left in it
+            # (NONE crosses every mark); a growing one, once the slowest is within the limit.
+            a.store(f.file_wake_at, ring.NONE if self.spill.state is Spill.STOPPED else
+                    max(1, self.ring.tail + self.wake_space - self.plan.limit))
         ring.fence()
         if self.writable(self.wake_space) >= self.wake_space:
             self.ring.post_wake(0)

@@ -565,9 +565,7 @@ class Bench:
                              f"hold_at={s.ring.hold_at} spill={getattr(s.spill, 'state', None)}")
             for g in part.groups.values():
                 lines.append(f"w{part.index} group: published={g.reader.published} "
-                             f"published_file={g.reader.published_file} "
-                             f"last_kicked_wake={g.reader.last_kicked_wake} "
-                             f"last_kicked_file_wake={g.reader.last_kicked_file_wake}")
+                             f"published_file={g.reader.published_file}")
                 for r in g.receivers:
                     lines.append(f"w{part.index} receiver {r.conn.id}: cursor={r.cursor} "
                                  f"blocked={r.blocked} in_file={r.in_file}")

@@ -392,9 +392,6 @@ def test_short_pwrites_to_the_ring_and_the_spill_file_still_deliver_exact_bytes(
     assert ring_calls.short and spill_calls.short
 
 
-@pytest.mark.xfail(strict=True, reason="lost wake-up: a file reader back on the ring crosses "
-                   "a wake mark its worker already kicked for (RingReader.publish dedupes by "
-                   "mark value), so the held producer sleeps on")
 def test_a_full_disk_under_block_returns_file_readers_to_the_ring_and_loses_nothing(make_bench):
     """--slow block: the spill file takes 1 MiB, then ENOSPC. The producer is held (the ring
     keeps every byte from where the file stopped), the fast receiver waits with it, and the
