@@ -16,7 +16,9 @@ part of the bench) fails instead of hanging.
 """
 from __future__ import annotations
 
+import os
 import random
+import subprocess
 
 import pytest
 
@@ -293,10 +295,10 @@ def test_a_receiver_that_leaves_mid_body_is_reported_lost_and_the_others_complet
     bench.run_until(bench.finished, "end of the transfer")
 
     assert leaver.ended().ok is False
+    r = leaver.response()
+    assert r.body == body[:len(r.body)], "what it read before leaving is the body's start"
     if how == "half-closes":                # it read on until the relay closed it: short
-        r = leaver.response()
         assert not r.complete and len(r.body) < len(body)
-        assert r.body == body[:len(r.body)]
     assert_every_receiver_got(bench, body, [peers[0], peers[2]])
     assert bench.registry.outcomes == {Outcome.OK_SOME_RECEIVERS_LEFT: 1}
     progress = sender.progress()
@@ -321,6 +323,8 @@ def test_when_every_receiver_vanishes_the_groups_release_and_the_sender_is_told(
     bench.run_until(lambda: bench.finished() and sender.stream.state is SenderState.CLOSED,
                     "the slot's release")
     assert [m.ok for m in bench.messages(control.ReceiverEnded)] == [False, False]
+    for peer in peers:
+        assert peer.response().body == body[:len(peer.response().body)]
     released = {(w, m.role) for w, m in bench.reports if isinstance(m, control.Released)}
     assert released == {(1, "receivers"), (2, "receivers"), (0, "sender")}
     assert bench.registry.outcomes == {Outcome.RECEIVERS_LEFT: 1}
@@ -469,3 +473,42 @@ def test_a_full_disk_under_drop_cuts_the_slowest_visibly_and_the_rest_complete(m
     assert_every_receiver_got(bench, body, [fast])
     assert bench.registry.outcomes == {Outcome.OK_SOME_RECEIVERS_LEFT: 1}
     assert bench.parts[0].counters.spill_failures == 1
+
+
+@pytest.fixture
+def full_tmpfs(tmp_path):
+    """A 1 MiB tmpfs, unmounted after the test (request it before make_bench, so the bench
+    and its spill descriptors are gone first)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a 1 MiB tmpfs needs root")
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield mount
+    if subprocess.run(["umount", str(mount)]).returncode:
+        subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_a_really_full_tmpfs_under_block_loses_nothing(full_tmpfs, make_bench):
+    """The spill directory is a real 1 MiB tmpfs: the kernel's own short write and ENOSPC
+    stop the file; the producer is held until the stalled reader has come back through the
+    ring, and both receivers get every byte."""
+    bench = make_bench(transmit="sendfile", spill_dir=str(full_tmpfs))
+    body = payload(4 * MIB)
+    sender = bench.sender(2, length=len(body))
+    fast = bench.receiver(2, worker=1)
+    slow = bench.receiver(2, worker=2)
+    slow.stall()
+    sender.feed([body])
+    producer = bench.parts[0]
+    bench.run_until(lambda: producer.counters.spill_failures
+                    and sender.stream.state is SenderState.PAUSED, "the disk to fill")
+    assert slow.receiver.in_file and fast.ended() is None
+    slow.resume()
+    bench.run_until(bench.finished, "end of the transfer")
+    assert_every_receiver_got(bench, body)
+    assert_transfer_ok(bench, 2)
+    assert producer.counters.spill_failures == 1
