@@ -29,6 +29,7 @@ from relayd.control import Outcome
 from relayd.producer import SenderState
 
 STEP = 128 * KIB                  # paced pieces: at most this much per read
+SEEDS = int(os.environ.get("RELAYD_DATAPATH_SEEDS", "24"))    # random schedules to run
 
 
 @pytest.fixture
@@ -423,6 +424,7 @@ def test_a_full_disk_under_block_returns_file_readers_to_the_ring_and_loses_noth
 
     slow.resume()
     bench.run_until(bench.finished, "end of the transfer")
+    assert not slow.receiver.in_file, "it came back to the ring at the file's end"
     assert_every_receiver_got(bench, body)
     assert_transfer_ok(bench, 2)
     assert producer.counters.spill_failures == 1
@@ -509,6 +511,86 @@ def test_a_really_full_tmpfs_under_block_loses_nothing(full_tmpfs, make_bench):
     assert slow.receiver.in_file and fast.ended() is None
     slow.resume()
     bench.run_until(bench.finished, "end of the transfer")
+    assert not slow.receiver.in_file, "it came back to the ring at the file's end"
     assert_every_receiver_got(bench, body)
     assert_transfer_ok(bench, 2)
     assert producer.counters.spill_failures == 1
+
+
+# -- random schedules -------------------------------------------------------------------------
+def random_chunks(body: bytes, rng: random.Random) -> bytes:
+    """The body in a sender's chunk framing of random sizes (1 byte to 100 KB), hex in either
+    case, some size lines with extensions."""
+    wire, i = [], 0
+    while i < len(body):
+        size = rng.choice([rng.randint(1, 30), rng.randint(1, 100_000)])
+        data = body[i:i + size]
+        line = (b"%X" if rng.random() < 0.5 else b"%x") % len(data)
+        if rng.random() < 0.1:
+            line += b';bench="x y"'
+        wire += [line, b"\r\n", data, b"\r\n"]
+        i += size
+    return b"".join(wire) + b"0\r\n\r\n"
+
+
+def random_pieces(data: bytes, rng: random.Random) -> list[bytes]:
+    pieces, i = [], 0
+    while i < len(data):
+        step = rng.choice([rng.randint(1, 100), rng.randint(1, 300_000)])
+        pieces.append(data[i:i + step])
+        i += step
+    return pieces
+
+
+@pytest.mark.parametrize("faults", [False, True], ids=["", "faults"])
+@pytest.mark.parametrize("seed", range(SEEDS))
+def test_random_schedules_deliver_every_byte_to_every_receiver(make_bench, seed, faults):
+    """A random mix per seed: transmit mode, n = 1..5 receivers on random worker indexes
+    (some HTTP/1.0), either arrival order, Content-Length or chunked (passed through or
+    parsed), the body's size (empty included) and the pieces and gaps it is written in,
+    and receivers that read at once, sip slowly, or stall a while mid-body. With faults:
+    the ring's pwrites are short and the spill file's disk fills after 0..2 MiB (--slow
+    block: still every byte)."""
+    rng = random.Random(seed)
+    bench = make_bench(transmit=rng.choice(["copy", "sendfile"]))
+    if faults:
+        bench.arena.calls = ShortWrites(rng.randint(1, 8192))
+        bench.spill_calls = FullDisk(rng.randint(0, 2 * MIB))
+    n = rng.randint(1, 5)
+    size = rng.choice([0, 1, rng.randint(2, 5000)] + [rng.randint(5000, 3 * MIB)] * 5)
+    body = payload(size, seed)
+    framing = rng.choice(["content-length", "chunked-passthrough", "chunked-parsed"])
+    if framing == "content-length":
+        wire, head_part = body, rng.randint(0, min(size, 30_000))
+    else:
+        wire = random_chunks(body, rng)
+        head_part = 0 if framing == "chunked-passthrough" else rng.randint(1, min(len(wire),
+                                                                                  30_000))
+
+    def add_sender():
+        return bench.sender(n, length=size if framing == "content-length" else None,
+                            with_head=wire[:head_part])
+
+    def add_receiver():
+        peer = bench.receiver(n, worker=rng.randrange(3),
+                              version="1.0" if rng.random() < 0.2 else "1.1")
+        behaviour = rng.choice(["reads", "sips", "stalls"])
+        if behaviour == "sips":
+            peer.sip = (rng.randint(16, 128) * KIB, rng.uniform(0.0005, 0.002))
+        elif behaviour == "stalls":
+            def stall_a_while():
+                peer.stall()
+                bench.loop.call_later(rng.uniform(0.01, 0.2), peer.resume)
+            peer.at.append((rng.randint(1, max(1, size)), stall_a_while))
+        return peer
+
+    sender_first = rng.random() < 0.5
+    sender = add_sender() if sender_first else None
+    for _ in range(n):
+        add_receiver()
+    sender = sender or add_sender()
+    sender.feed(random_pieces(wire[head_part:], rng), gap_s=rng.choice([0, 0, 0.001]))
+    bench.run_until(bench.finished, f"end of the transfer (seed {seed}, {framing}, n={n}, "
+                                    f"{size} bytes)")
+    assert_every_receiver_got(bench, body)
+    assert_transfer_ok(bench, n)
