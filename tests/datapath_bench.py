@@ -232,23 +232,25 @@ class ReceiverPeer:
         return found[0] if found else None
 
     def _on_readable(self) -> None:
-        most = self.sip[0] if self.sip else 256 * KIB
-        try:
-            chunk = self.sock.recv(most)
-        except (BlockingIOError, InterruptedError):
-            return
-        except ConnectionResetError:
-            self.reset, chunk = True, b""
-        if not chunk:
-            self.eof = True
-            self.bench.loop.remove_reader(self.sock.fileno())
-            return
-        self.data += chunk
-        while self.at and len(self.data) >= self.at[0][0]:
-            self.at.pop(0)[1]()
-        if self.sip and not self.stalled and not self.eof:
-            self.stall()
-            self.bench.loop.call_later(self.sip[1], self.resume)
+        # Read until the socket is empty: on an error (a TCP reset) uvloop runs a reader
+        # once and drops it, so data queued before the reset must not leave the error unseen.
+        while not self.stalled and not self.eof:
+            try:
+                chunk = self.sock.recv(self.sip[0] if self.sip else 256 * KIB)
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionResetError:
+                self.reset, chunk = True, b""
+            if not chunk:
+                self.eof = True
+                self.bench.loop.remove_reader(self.sock.fileno())
+                return
+            self.data += chunk
+            while self.at and len(self.data) >= self.at[0][0]:
+                self.at.pop(0)[1]()
+            if self.sip and not self.stalled and not self.eof:
+                self.stall()
+                self.bench.loop.call_later(self.sip[1], self.resume)
 
     def stall(self) -> None:
         """Stop reading: the socket fills and the relay's sends block."""
@@ -318,6 +320,11 @@ class SenderPeer:
             except (ValueError, OSError):
                 pass
             self.sock.close()
+
+    def reset(self) -> None:
+        """Close with SO_LINGER 0: over TCP the relay gets a reset."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.vanish()
 
     def progress(self) -> str:
         """The sender's response body (its progress lines), de-chunked."""
@@ -485,16 +492,30 @@ class Bench:
         return [m for _, m in self.reports if isinstance(m, kind)]
 
     # -- parties ----------------------------------------------------------------------------
-    def _pair(self) -> tuple[socket.socket, socket.socket]:
-        relay_end, test_end = socket.socketpair()
+    def _pair(self, tcp: bool = False, rcvbuf: int | None = None
+              ) -> tuple[socket.socket, socket.socket]:
+        """(relay's end, test's end): a socketpair, or a TCP connection over 127.0.0.1 where
+        TCP's own behaviour matters (a reset); rcvbuf: the relay end's receive buffer."""
+        if not tcp:
+            relay_end, test_end = socket.socketpair()
+        else:
+            with socket.socket() as listener:
+                if rcvbuf:              # before listen: the window scale is agreed at connect
+                    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+                listener.bind(("127.0.0.1", 0))
+                listener.listen(1)
+                test_end = socket.create_connection(listener.getsockname())
+                relay_end, _ = listener.accept()
+            relay_end.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.socks += [relay_end, test_end]
         return relay_end, test_end
 
     def sender(self, n: int, *, worker: int = 0, length: int | None = None,
-               with_head: bytes = b"", query: bytes = b"") -> SenderPeer:
+               with_head: bytes = b"", query: bytes = b"", tcp: bool = False,
+               rcvbuf: int | None = None) -> SenderPeer:
         """A sender of a Content-Length body (length given) or a chunked one; with_head:
         body bytes written together with the head, so the head parser reads them too."""
-        relay_end, test_end = self._pair()
+        relay_end, test_end = self._pair(tcp, rcvbuf)
         framing = (b"Content-Length: %d\r\n" % length if length is not None
                    else b"Transfer-Encoding: chunked\r\n")
         head = (b"PUT %s?n=%d%s HTTP/1.1\r\nHost: bench\r\nContent-Type: application/x-bench"
@@ -505,8 +526,8 @@ class Bench:
         return self.sender_peer
 
     def receiver(self, n: int, *, worker: int, version: str = "1.1",
-                 sndbuf: int | None = None) -> ReceiverPeer:
-        relay_end, test_end = self._pair()
+                 sndbuf: int | None = None, tcp: bool = False) -> ReceiverPeer:
+        relay_end, test_end = self._pair(tcp)
         if sndbuf:
             relay_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         host = b"Host: bench\r\n" if version == "1.1" else b""

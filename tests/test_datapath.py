@@ -338,16 +338,18 @@ def test_a_sender_that_vanishes_mid_body_leaves_every_receiver_a_visibly_short_b
         make_bench, chunked):
     """The sender's socket closes after 1.5 MB: SenderLost is reported and each receiver's
     response stops short -- a Content-Length body short of its length, a chunked one without
-    its terminator -- after exactly the bytes the sender sent."""
+    its terminator, an HTTP/1.0 one (over TCP here) with a reset -- after exactly the bytes
+    the sender sent."""
     bench = make_bench(transmit="copy")
     body = payload(3 * MIB)
     if chunked:
         wire = b"".join(chunk(body[i:i + 50_000]) for i in range(0, len(body), 50_000))
-        sender = bench.sender(2)
+        sender = bench.sender(3)
     else:
         wire = body
-        sender = bench.sender(2, length=len(body))
-    peers = [bench.receiver(2, worker=1), bench.receiver(2, worker=2)]
+        sender = bench.sender(3, length=len(body))
+    peers = [bench.receiver(3, worker=1), bench.receiver(3, worker=2),
+             bench.receiver(3, worker=0, version="1.0", tcp=True)]
     sent = wire[:1_500_000]
     sender.feed([sent], then=sender.vanish)
     bench.run_until(bench.finished, "end of the transfer")
@@ -359,7 +361,29 @@ def test_a_sender_that_vanishes_mid_body_leaves_every_receiver_a_visibly_short_b
         assert 0 < len(r.body) and r.body == body[:len(r.body)]
         if not chunked:
             assert len(r.body) == len(sent)
+    assert peers[2].reset == chunked, "a cut HTTP/1.0 body without a length ends in a reset"
     assert bench.registry.outcomes == {Outcome.SENDER_LOST: 1}
+
+
+@pytest.mark.xfail(strict=True, reason="uvloop runs a reader once on a socket error (POLLERR) "
+                   "and drops it: the producer's pass stops on its 1 MiB budget and is never "
+                   "called again")
+def test_a_sender_that_resets_with_megabytes_unread_is_lost_at_once(make_bench):
+    """Over TCP, the sender writes 3 MiB in one go (the relay's receive buffer takes it all)
+    and resets. The producer must read what arrived, meet ECONNRESET and abort: every
+    receiver ends short at once -- not when the sender's idle timeout fires minutes later."""
+    bench = make_bench(transmit="copy", capacity=4 * MIB)
+    body = payload(6 * MIB)
+    sender = bench.sender(2, length=len(body), tcp=True, rcvbuf=4 * MIB)
+    peers = [bench.receiver(2, worker=1), bench.receiver(2, worker=2)]
+    sender.feed([body[:3 * MIB]], then=sender.reset)
+    bench.run_until(bench.finished, "end of the transfer", timeout=10)
+    lost = bench.messages(control.SenderLost)
+    assert len(lost) == 1 and "connection failed" in lost[0].reason
+    for peer in peers:
+        r = peer.response()
+        assert peer.ended().ok is False and not r.complete
+        assert r.body == body[:len(r.body)]
 
 
 # -- 6. faults at the fd boundary -------------------------------------------------------------
