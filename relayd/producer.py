@@ -225,6 +225,12 @@ class SenderStream:
                 self.remaining -= got
                 if self.remaining == 0:
                     self.end()
+        if budget <= 0 and self.state is SenderState.READING:
+            # Bytes may still be queued. On a socket error (the sender reset) uvloop runs a
+            # reader once more and then drops it, so arm it again: else the rest of the body
+            # and the ECONNRESET behind it are never read.
+            self.loop.remove_reader(self.fd)
+            self.loop.add_reader(self.fd, self.on_readable)
         self.publish()
 
     def _parse(self, data: memoryview) -> None:

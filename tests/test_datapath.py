@@ -365,9 +365,6 @@ def test_a_sender_that_vanishes_mid_body_leaves_every_receiver_a_visibly_short_b
     assert bench.registry.outcomes == {Outcome.SENDER_LOST: 1}
 
 
-@pytest.mark.xfail(strict=True, reason="uvloop runs a reader once on a socket error (POLLERR) "
-                   "and drops it: the producer's pass stops on its 1 MiB budget and is never "
-                   "called again")
 def test_a_sender_that_resets_with_megabytes_unread_is_lost_at_once(make_bench):
     """Over TCP, the sender writes 3 MiB in one go (the relay's receive buffer takes it all)
     and resets. The producer must read what arrived, meet ECONNRESET and abort: every
