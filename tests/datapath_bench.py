@@ -18,6 +18,11 @@ bookkeeping: it initialises the slot (`SlotFields.reset`) before any start, answ
 Finished/AbortSender, and punches the slot on release. Every message is kept in
 `bench.reports` for the tests to assert on.
 
+Clients' sockets are socketpairs (AF_UNIX: sendfile still lends them the ring's pages, as
+TCP does), or TCP over 127.0.0.1 where TCP's own behaviour is the point (a reset). uvloop
+fact the clients respect: on a socket error it runs a reader once, then drops it -- so each
+client read drains its socket.
+
 What the bench leaves out on purpose: the worker's once-a-second tick, which re-runs every
 pipe "so a lost wake-up costs a second". Here a lost wake-up hangs the transfer, and the
 test fails on its timeout instead of passing slowly.
@@ -301,16 +306,17 @@ class SenderPeer:
         return self.bench.streams.get(self.conn_id)
 
     def _on_readable(self) -> None:
-        try:
-            chunk = self.sock.recv(64 * KIB)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            chunk = b""
-        if not chunk:
-            self.bench.loop.remove_reader(self.sock.fileno())
-            return
-        self.response += chunk
+        while True:                     # to the end: see ReceiverPeer._on_readable
+            try:
+                chunk = self.sock.recv(64 * KIB)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.bench.loop.remove_reader(self.sock.fileno())
+                return
+            self.response += chunk
 
     def vanish(self) -> None:
         """Close the sender's socket (the loop must stop watching it first)."""

@@ -615,3 +615,62 @@ def test_random_schedules_deliver_every_byte_to_every_receiver(make_bench, seed,
                                     f"{size} bytes)")
     assert_every_receiver_got(bench, body)
     assert_transfer_ok(bench, n)
+
+
+@pytest.mark.parametrize("seed", range(SEEDS))
+def test_random_departures_never_leave_a_short_body_looking_complete(make_bench, seed):
+    """Random schedules where receivers may close, half-close or reset at a random point, the
+    sender may vanish mid-body, and --slow may be drop with a disk that fills. Whatever
+    happens: the transfer settles (every receiver reported, the slot released); each client
+    got a prefix of the body; of the clients that read to the end, a response that looks
+    complete holds the whole body, and so does every one reported ok; under block, with the
+    sender staying, every receiver that stayed got everything. HTTP/1.0 receivers use TCP
+    here, so a cut reaches them as a reset."""
+    rng = random.Random(1000 + seed)
+    bench = make_bench(transmit=rng.choice(["copy", "sendfile"]))
+    drop = rng.random() < 0.5
+    if rng.random() < 0.5:
+        bench.spill_calls = FullDisk(rng.randint(0, 2 * MIB))
+    n = rng.randint(1, 4)
+    body = payload(rng.randint(1, 3 * MIB), seed)
+    chunked = rng.random() < 0.5
+    wire = random_chunks(body, rng) if chunked else body
+    head_part = rng.randint(0, min(len(wire), 20_000))
+    sender = bench.sender(n, length=None if chunked else len(body), with_head=wire[:head_part],
+                          query=b"&slow=drop" if drop else b"")
+    stayers, readers_to_the_end = [], []
+    for _ in range(n):
+        version = "1.0" if rng.random() < 0.2 else "1.1"
+        peer = bench.receiver(n, worker=rng.randrange(3), version=version, tcp=version == "1.0")
+        how = rng.choice(["stays", "stays", "stays", "closes", "half-closes", "resets"])
+        if how in ("stays", "half-closes"):
+            readers_to_the_end.append(peer)
+        if how == "stays":
+            stayers.append(peer)
+            if rng.random() < 0.4:
+                def stall_a_while(peer=peer):
+                    peer.stall()
+                    bench.loop.call_later(rng.uniform(0.01, 0.2), peer.resume)
+                peer.at.append((rng.randint(1, len(body)), stall_a_while))
+        else:
+            leave(peer, how, rng.randint(1, len(body)))
+    sender_vanishes = rng.random() < 0.2
+    rest = wire[head_part:]
+    cut_at = rng.randint(0, len(rest) - 1) if sender_vanishes and rest else len(rest)
+    sender.feed(random_pieces(rest[:cut_at], rng),
+                then=sender.vanish if cut_at < len(rest) else None)
+    bench.run_until(bench.finished, f"the transfer to settle (seed {seed})")
+
+    for peer in bench.peers:
+        r = peer.response()
+        assert r.body == body[:len(r.body)], f"receiver {peer.conn_id}: not a prefix"
+        if peer not in readers_to_the_end:
+            continue                        # it hung up itself: it knows it did not finish
+        if r.complete:
+            assert r.body == body, f"receiver {peer.conn_id}: short but looks complete"
+        if peer.ended().ok:                 # ok: every byte was queued
+            assert r.complete and r.body == body
+    if not drop and cut_at == len(rest):
+        assert_every_receiver_got(bench, body, stayers)
+    assert sum(bench.registry.outcomes.values()) == 1
+    assert not bench.relay_failures(), bench.relay_failures()
