@@ -38,6 +38,7 @@ from relayd.spill import SpillReader
 from relayd.stats import WorkerCounters
 
 TERMINATOR = b"0\r\n\r\n"
+DROP_GRACE_S = 1.0        # --slow drop without spill: a full socket this long is slow
 
 
 @dataclasses.dataclass
@@ -145,6 +146,7 @@ class ReceiverGroup:
             if self.spill is not None:
                 for r in recvs:
                     self._maybe_move(r, tail)
+            self._drop_slowest(tail)
             count = len(recvs)
             if count:
                 first = self.rotate % count
@@ -152,8 +154,6 @@ class ReceiverGroup:
                 for r in recvs[first:] + recvs[:first]:
                     if not r.blocked:
                         self._send(r, tail)
-                if self.spill is not None:
-                    self._drop_slowest(tail)
                 for r in [r for r in recvs if not r.blocked and r.cursor == tail]:
                     if state != ring.STREAMING:
                         self._finish(r, ok=state == ring.DONE)
@@ -184,20 +184,25 @@ class ReceiverGroup:
             if (tail - r.cursor > self.limits.switch_lag and r.cursor >= spill.start
                     and spill.growing()):
                 r.in_file = True
-        elif not spill.growing() and r.cursor >= spill.end(tail):
+        elif r.cursor >= spill.stopped_at():
             r.in_file = False
 
     def _drop_slowest(self, tail: int) -> None:
-        """--slow drop: the producer marked the slowest file position. Cut file readers
-        below it whose socket is full -- one merely not yet served this pass is not slow,
-        it only waited for its turn -- and, while the file grows, a spill limit behind."""
-        drop_below = self.spill.drop_below()
+        """--slow drop: the producer marked the position below which receivers hold it.
+        Cut those below it whose socket was full when last served (one merely not yet
+        served is not slow). While the spill file grows, that is only file readers a spill
+        limit behind. When the disk refused the spill, the window is all the lag there is:
+        a receiver holding the producer (with a full socket, or still in a stopped file) is
+        cut once its socket has not drained for DROP_GRACE_S."""
+        drop_below = self.reader.drop_below()
         if not drop_below:
             return
-        growing = self.spill.growing()
-        for r in [r for r in self.receivers if r.in_file and r.blocked
-                  and r.cursor < drop_below
-                  and (not growing or tail - r.cursor >= self.limits.spill_limit)]:
+        growing = self.spill is not None and self.spill.growing()
+        limit = self.limits.spill_limit
+        stuck = self.loop.time() - DROP_GRACE_S
+        for r in [r for r in self.receivers if r.cursor < drop_below and (
+                (r.in_file and r.blocked and tail - r.cursor >= limit) if growing
+                else (r.in_file or r.blocked) and r.progress_at <= stuck)]:
             self._finish(r, ok=False)
 
     # -- sending ---------------------------------------------------------------------------

@@ -142,6 +142,7 @@ class SenderStream:
         self.plan = spill
         self.spill: SpillWriter | None = None
         self.spill_refused = spill.limit == 0 or n == 1
+        self.disk_refused = False       # a spill file could not be made, or stopped growing
 
     def _apply(self, event: SenderEvent) -> SenderState:
         """The only writer of `state`; a move the table lacks is a bug (KeyError)."""
@@ -200,7 +201,8 @@ class SenderStream:
                                                            CHUNK_READ))
                 else:
                     position = self.ring.tail
-                    got = sock.recv_into(self.ring.recv_buffer(min(self.remaining, budget)))
+                    got = sock.recv_into(self.ring.recv_buffer(min(self.remaining, budget,
+                                                                   space)))
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
@@ -301,7 +303,7 @@ class SenderStream:
         """Bytes writable at tail now, as the ring and the spill file allow."""
         spill = self.spill
         if spill is not None and spill.state is Spill.STOPPED:
-            self._hold_for_stopped_spill(need)
+            self._hold_for_stopped_spill()
         space = self.ring.writable(need)
         if spill is not None and spill.state is Spill.GROWING:
             # File cursors are re-read every time: a receiver that moves onto the file may
@@ -309,9 +311,20 @@ class SenderStream:
             space = min(space, spill.file_space(self.ring.tail, self.ring.lowest))
         elif space < need and spill is None and not self.spill_refused:
             self._start_spill()
+        if space < need and self.plan.drop and self.disk_refused:
+            self._cut_slowest()
         return space
 
-    def _hold_for_stopped_spill(self, need: int) -> None:
+    def _cut_slowest(self) -> None:
+        """--slow drop, and the disk refused the spill: the slowest receivers, which hold
+        the producer, are cut (a visible short body) instead of holding everyone."""
+        lowest = self.ring.lowest
+        if self.spill is not None:
+            lowest = min(lowest, self.spill.lowest_reader())
+        if lowest < self.ring.tail:
+            self.ring.cut_below(lowest + 1)
+
+    def _hold_for_stopped_spill(self) -> None:
         """The spill file stopped at `end`: file readers come back to the ring there, so the
         ring keeps every byte from `end` until none is left in the file. File cursors are
         loaded before the ring's (their workers store the ring cursor first when a reader
@@ -319,13 +332,8 @@ class SenderStream:
         spill = self.spill
         file_lowest = spill.lowest_reader()
         spill.release_below(min(self.ring.lowest, file_lowest))
-        if file_lowest == ring.NONE:
-            self.ring.hold_at = None
-            return
-        self.ring.hold_at = spill.end
+        self.ring.hold_at = None if file_lowest == ring.NONE else spill.end
         self.ring.refresh()
-        if self.plan.drop and self.ring.space() < need:
-            spill.cut_below(file_lowest + 1)     # drop: the slowest go, the rest flow on
 
     def _start_spill(self) -> None:
         """The window is full: copy the ring from the lowest cursor into a new spill file and
@@ -334,13 +342,10 @@ class SenderStream:
             return
         start = self.ring.lowest                # lowest ring cursor, just refreshed
         try:
-            spill = SpillWriter(self.ring.arena, self.ring.f, self.ring.receiver_workers,
-                                self.plan.directory, start, self.plan.limit, self.plan.drop,
-                                self.plan.budget, self.ring.kick, self.plan.calls)
+            spill = SpillWriter(self.ring, self.plan.directory, start, self.plan.limit,
+                                self.plan.drop, self.plan.budget, self.plan.calls)
         except OSError as e:
-            logs.message(f"spill unavailable for {self.path!r}: {e.strerror}; "
-                         "the slowest receiver holds the producer")
-            self.spill_refused = True
+            self._refused_by_disk(e)
             return
         position = start
         while position < self.ring.tail and spill.state is Spill.GROWING:
@@ -348,23 +353,28 @@ class SenderStream:
             spill.write(position, data)
             position += len(data)
         if spill.state is not Spill.GROWING:
-            logs.message(f"spill unavailable for {self.path!r}: {spill.failure.strerror}; "
-                         "the slowest receiver holds the producer")
-            self.counters.spill_failures += 1
             spill.close()
-            self.spill_refused = True
+            self._refused_by_disk(spill.failure)
             return
         self.spill = spill
         spill.announce()
+
+    def _refused_by_disk(self, error: OSError) -> None:
+        logs.message(f"spill unavailable for {self.path!r}: {error.strerror}; " + (
+            "the slowest receivers are cut (--slow drop)" if self.plan.drop else
+            "the slowest receiver holds the producer (--slow block)"))
+        self.counters.spill_failures += 1
+        self.spill_refused = self.disk_refused = True
 
     def _note_spill_failure(self) -> None:
         spill = self.spill
         if spill is not None and spill.state is Spill.STOPPED and spill.failure is not None:
             logs.message(f"spill write failed for {self.path!r} at {spill.end}: "
-                         f"{spill.failure.strerror}; "
-                         + ("the slowest receivers are cut" if self.plan.drop else
-                            "its readers return to the ring and the producer is held"))
+                         f"{spill.failure.strerror}; its readers return to the ring there, "
+                         + ("and the slowest receivers are cut (--slow drop)" if self.plan.drop
+                            else "and the slowest holds the producer (--slow block)"))
             self.counters.spill_failures += 1
+            self.disk_refused = True
             self.ring.hold_at = spill.end
             spill.failure = None
 

@@ -312,7 +312,8 @@ class RingWriter:
 
     # -- bytes at tail ---------------------------------------------------------------------
     def recv_buffer(self, most: int) -> memoryview:
-        """Where the next bytes may be received in place: contiguous, within the space."""
+        """Where the next bytes may be received in place: contiguous, at most `most` (which
+        the caller bounds by what `writable` allowed), within the ring's space."""
         at, length = self.arena.span(self.slot, self.tail, self.tail + min(most, self.space()))
         return self.arena.view[at:at + length]
 
@@ -366,9 +367,21 @@ class RingWriter:
         self.published = visible
         a.store(f.tail, visible)
         a.store(f.state, state)
+        self.kick_all()
+
+    def kick_all(self) -> None:
+        """After a store the receivers' workers must see: fence, then wake them all."""
         fence()
         for w in self.receiver_workers:
             self.kick(w)
+
+    def cut_below(self, position: int) -> None:
+        """--slow drop: receivers below position that hold the producer are cut; it waits
+        only until their workers have done it."""
+        if self.arena.load(self.f.drop_below) >= position:
+            return
+        self.arena.store(self.f.drop_below, position)
+        self.kick_all()
 
     def post_wake(self, mark: int) -> None:
         """Ask the receivers' workers to kick the producer once the lowest cursor reaches
@@ -411,6 +424,10 @@ class RingReader:
 
     def peek(self, position: int, length: int) -> bytes:
         return self.arena.peek(self.slot, position, length)
+
+    def drop_below(self) -> int:
+        """--slow drop: receivers below this that hold the producer are to be cut (0: none)."""
+        return self.arena.load(self.f.drop_below)
 
     # -- sleeping ------------------------------------------------------------------------
     def sleep_flag(self, on: bool) -> None:

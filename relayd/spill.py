@@ -16,10 +16,12 @@ producer (lossless) and --slow drop cuts the slowest file readers (a visible sho
 
 A write the disk refuses (ENOSPC, EIO; short writes are continued first, fileio.py) is the
 same as a bound reached: the file stops growing at `end`, the position it holds up to
-(published as `spill_end`). File readers are served up to `end` and then return to the ring;
-the ring keeps every byte from `end` on until they have (`RingWriter.hold_at`), so under
-block nothing is lost, only slower; under drop the slowest file readers are cut instead of
-holding the producer. The failure is logged and counted (relayd_spill_write_failures).
+(published as `spill_end`). Under block, file readers are served up to `end` and then return
+to the ring, which keeps every byte from `end` on until they have (`RingWriter.hold_at`):
+nothing is lost, the slowest now holds the producer. Under drop, the receivers that hold
+the producer -- still in the file below `end`, or in the ring with a full socket -- are cut:
+a visible short body. Either way the pipe spills no more, and the failure is logged and
+counted (relayd_spill_write_failures). A file that cannot be created at all is the same.
 
 The file is only ever appended to, so the sendfile hazard of the ring does not arise, and
 consumed ranges are given back (FALLOC_FL_PUNCH_HOLE) -- but only IN_FLIGHT_MARGIN below the
@@ -42,7 +44,6 @@ import errno
 import glob
 import os
 import tempfile
-from typing import Callable
 
 from relayd import ring, stats
 from relayd.fileio import SYSCALLS, Syscalls, WriteFailed, write_all, writev_all
@@ -135,16 +136,15 @@ class Spill(enum.Enum):
 class SpillWriter:
     """The producer's side of one pipe's spill file."""
 
-    def __init__(self, arena: ring.Arena, fields: ring.SlotFields, receiver_workers: list[int],
-                 directory: str, start: int, limit: int, drop: bool, budget: SpillBudget,
-                 kick: Callable[[int], None], calls: Syscalls = SYSCALLS):
-        self.arena = arena
-        self.f = fields
-        self.receiver_workers = receiver_workers
+    def __init__(self, writer: ring.RingWriter, directory: str, start: int, limit: int,
+                 drop: bool, budget: SpillBudget, calls: Syscalls = SYSCALLS):
+        self.ring = writer
+        self.arena = writer.arena
+        self.f = writer.f
+        self.receiver_workers = writer.receiver_workers
         self.limit = limit
         self.drop = drop
         self.budget = budget
-        self.kick = kick
         self.calls = calls
         self.fd = create(directory)     # OSError: no spill for this pipe
         self.start = start              # first stream position held by the file
@@ -154,6 +154,7 @@ class SpillWriter:
         self.punched = start - start % PUNCH_UNIT
         self.counted = 0                # our bytes in the budget
         self.failure: WriteFailed | None = None
+        self.announced = False          # the receivers' workers know of the file
 
     def announce(self) -> None:
         """Tell the receivers' workers the file exists (they reopen it and move laggards)."""
@@ -162,9 +163,8 @@ class SpillWriter:
         a.store(f.spill_fd, self.fd)
         a.store(f.spill_pid, os.getpid())
         a.store(f.spill_active, 1)
-        ring.fence()
-        for w in self.receiver_workers:
-            self.kick(w)
+        self.announced = True
+        self.ring.kick_all()
 
     # -- writing ---------------------------------------------------------------------------
     def write(self, position: int, data) -> None:
@@ -197,7 +197,8 @@ class SpillWriter:
         plain terminator) that the stopped file cannot take: it holds only what is below."""
         if position < self.end:
             self.end = position
-            self.arena.store(self.f.spill_end, position)
+            if self.announced:
+                self.arena.store(self.f.spill_end, position)
             self._account()
 
     def _stop(self, end: int, error: WriteFailed) -> None:
@@ -205,12 +206,11 @@ class SpillWriter:
         self.end = end
         self.state = Spill.STOPPED
         self.failure = error
-        a = self.arena
-        a.store(self.f.spill_end, end)
-        ring.fence()
-        for w in self.receiver_workers:
-            self.kick(w)
         self._account()
+        if not self.announced:
+            return                        # still being filled: nobody reads it yet
+        self.arena.store(self.f.spill_end, end)
+        self.ring.kick_all()
 
     # -- limits ----------------------------------------------------------------------------
     def lowest_reader(self) -> int:
@@ -233,19 +233,8 @@ class SpillWriter:
         else:
             limit = min(limit, tail - file_lowest + budget_left)
         if self.drop and tail - file_lowest >= limit:
-            self.cut_below(file_lowest + 1)
+            self.ring.cut_below(file_lowest + 1)
         return file_lowest + limit - tail
-
-    def cut_below(self, position: int) -> None:
-        """--slow drop: file readers below position are cut; the producer waits only until
-        their workers have done it."""
-        a, f = self.arena, self.f
-        if a.load(f.drop_below) >= position:
-            return
-        a.store(f.drop_below, position)
-        ring.fence()
-        for w in self.receiver_workers:
-            self.kick(w)
 
     def release_below(self, position: int) -> None:
         """Every reader is past `position`: punch whole units below it, less the in-flight
@@ -301,11 +290,13 @@ class SpillReader:
         stopped."""
         return min(tail, self.arena.load(self.f.spill_end))
 
+    def stopped_at(self) -> int:
+        """Where the file stopped growing (NONE while it grows): a reader returns to the
+        ring only there, never below -- the ring may already hold a later lap below it."""
+        return self.arena.load(self.f.spill_end)
+
     def growing(self) -> bool:
         return self.arena.load(self.f.spill_end) == ring.NONE
-
-    def drop_below(self) -> int:
-        return self.arena.load(self.f.drop_below)
 
     def send(self, sock_fd: int, position: int, end: int) -> int:
         return os.sendfile(sock_fd, self.fd, position, end - position)

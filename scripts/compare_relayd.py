@@ -6,8 +6,8 @@
 Each positional argument is one set of extra relayd options ("" = the defaults). Every set
 gets its own relayd (one worker per CPU unless --workers), started once; each repeat runs
 the throughput workload of scripts/bench on every set in turn, each run once every relayd
-is idle (1 `curl -T -` producer, N receivers in one Python process, sha256 of every
-receiver checked), so noise hits all sets alike. Prints median GB/s and server CPU-seconds
+is idle (1 `curl -T -` producer, N receivers over one Python process per usable core, every
+byte of every receiver compared with the payload), so noise hits all sets alike. Prints median GB/s and server CPU-seconds
 per delivered GB, min–max, and the ratio of each set to the first. The question-sized
 companion of scripts/bench: no peers.
 """

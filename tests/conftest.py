@@ -28,20 +28,27 @@ URL_RE = re.compile(rb"http://[0-9.]+:[0-9]+")
 START_TIMEOUT_S = 20
 CLIENT_TIMEOUT_S = 60
 MIB = 1 << 20
+SHORT_BODY = (18, 56)                # curl: partial transfer / receive error
 FEED_BYTES = 64 * 1024               # a slow sender writes this much ...
 FEED_PAUSE_S = 0.02                  # ... every 20 ms
+LOG_RE = re.compile(r"relayd: transfer path='(?P<path>[^']*)' n=(?P<n>\d+) bytes=(?P<bytes>\d+) "
+                    r"seconds=\S+ transmit=\S+ receivers_done=(?P<done>\d+) "
+                    r"receivers_lost=(?P<lost>\d+) sender=w(?P<sender>\d+) "
+                    r"workers=(?P<workers>\S*) outcome=(?P<outcome>.*)$", re.M)
 
 
 class Relay:
     """A running relayd: `url`, `port`, `stderr_text()`, `health()`."""
 
-    def __init__(self, tmp: Path, *args: str, workers: int = 1, env: dict | None = None):
+    def __init__(self, tmp: Path, *args: str, workers: int = 1, env: dict | None = None,
+                 preexec=None):
         self.args = ["--host", "127.0.0.1", "--port", "0", "--workers", str(workers), *args]
         self.workers = workers
         self.stderr_path = tmp / f"relayd-{os.getpid()}-{time.monotonic_ns()}.err"
         self._stderr = open(self.stderr_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "relayd", *self.args],
-                                     stdout=subprocess.PIPE, stderr=self._stderr, env=env)
+                                     stdout=subprocess.PIPE, stderr=self._stderr, env=env,
+                                     preexec_fn=preexec)
         self.banner = self._read_banner()
         self.banner_at = time.monotonic()
         self.url = URL_RE.search(self.banner).group().decode()
@@ -113,8 +120,8 @@ def start_relay(tmp_path):
     """Factory: start_relay('--window', '512k', workers=2) -> Relay; stopped after the test."""
     started = []
 
-    def start(*args: str, workers: int = 1, env: dict | None = None) -> Relay:
-        relay = Relay(tmp_path, *args, workers=workers, env=env)
+    def start(*args: str, workers: int = 1, env: dict | None = None, preexec=None) -> Relay:
+        relay = Relay(tmp_path, *args, workers=workers, env=env, preexec=preexec)
         started.append(relay)
         return relay
 
@@ -343,6 +350,19 @@ def start_slow_transfer(relay, tmp_path, path, n=2, size=2 * MIB, pause_at=512 *
              what=f"{path} streaming")
     assert t.paused.wait(20), "the feeder never reached its pause point"
     return t
+
+
+def transfer_logs(relay) -> dict[str, dict]:
+    """Transfer log lines by path: n, bytes, done, lost, sender, workers {index: count}."""
+    found = {}
+    for m in LOG_RE.finditer(relay.stderr_text()):
+        d = m.groupdict()
+        d["workers"] = {int(w[1:].split(":")[0]): int(w.split(":")[1])
+                        for w in d["workers"].split(",") if w}
+        for k in ("n", "bytes", "done", "lost", "sender"):
+            d[k] = int(d[k])
+        found[d["path"]] = d
+    return found
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,11 +1,15 @@
 """Smoke run of the benchmark harness (scripts/bench --quick): integrity and report shape.
 
 No timing is asserted: speed is measured by scripts/bench, never asserted in tests.
-Skips (with the reason) when piping-server (npm) or nginx (apt) cannot be installed.
+The quick bench needs nginx and node from the system (.ci/run installs them with npm) and
+piping-server, which npm installs into .bench-cache. None of them is optional: a missing one
+fails the test with what to install, it never skips, since a skip would hide a broken CI.
+The other tests here need only relayd and curl.
 """
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,9 +18,11 @@ import pytest
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
 
-from bench_lib import deps  # noqa: E402
+from bench_lib import deps, servers  # noqa: E402
 from bench_lib.http_body import ResponseDecoder  # noqa: E402
-from bench_lib.workloads import IntegrityError, verify  # noqa: E402
+from bench_lib.payload import PayloadCache  # noqa: E402
+from bench_lib.receivers import ComparedBody  # noqa: E402
+from bench_lib.workloads import IntegrityError, run_many_pipes, verify  # noqa: E402
 
 BENCH_TIMEOUT_S = 240
 PIPE_SERVERS = ("relayd", "piping-server")
@@ -29,6 +35,10 @@ EXPECTED_ROWS = {
     ("waiting", "1000 waiting", "RSS waiting MiB"), ("waiting", "1000 waiting", "not waiting"),
     ("transmit", "throughput N=50, 4 MiB", "GB/s"), ("transmit", "latency N=50, 200 lines",
                                                      "p99 ms"),
+    ("manypipes", "P=1, 16 MiB each", "GB/s"), ("manypipes", "P=1, 16 MiB each", "CPU s/GB"),
+    ("manypipes", "P=100, 164 KiB each", "CPU ms/pipe"),
+    ("manypipes", "P=100, 164 KiB each", "pipes/s"),
+    ("manypipes", "P=100, 164 KiB each", "receivers refused"),
 }
 
 
@@ -66,17 +76,62 @@ def test_verify_names_a_receiver_whose_bytes_differ():
         verify([good, bad], 3, good["sha256"], "test")
 
 
+def test_verify_names_a_compared_body_that_differs_from_the_payload():
+    good = {"index": 0, "check": "compare", "bytes": 3, "mismatch_at": None, "complete": True,
+            "error": None}
+    bad = dict(good, index=1, mismatch_at=2)
+    verify([good], 3, "unused by compare", "test")
+    with pytest.raises(IntegrityError, match="DIFFERS from the payload at byte 2"):
+        verify([good, bad], 3, "unused by compare", "test")
+
+
+def test_compared_body_finds_the_first_differing_byte_and_extra_bytes():
+    reference = b"0123456789"
+    same = ComparedBody(reference, 2, 5)
+    for piece in (b"23", b"456"):
+        same.update(memoryview(piece))
+    assert same.outcome() == {"check": "compare", "bytes": 5, "mismatch_at": None}
+    changed = ComparedBody(reference, 2, 5)
+    changed.update(memoryview(b"23"))
+    changed.update(memoryview(b"4x6"))
+    assert changed.outcome()["mismatch_at"] == 3
+    longer = ComparedBody(reference, 2, 5)
+    longer.update(memoryview(b"234567"))    # one byte past the slice, though the file has it
+    assert longer.outcome()["mismatch_at"] == 5
+
+
+def test_many_pipes_past_max_transfers_counts_refused_receivers_and_verifies_the_rest(
+        tmp_path):
+    """8 pipes open at once on a relayd with 4 ring slots: a receiver answered 503 is
+    counted, not failed; every other receiver's bytes are checked."""
+    os.chmod(tmp_path, 0o755)
+    payload = PayloadCache(str(tmp_path)).get(8 * 4096)
+    with servers.RelaydServer(str(tmp_path), REPO_ROOT, 2,
+                              options=["--max-transfers", "4"]) as relay:
+        figures = run_many_pipes(relay, payload, pipes=8, n=2)
+    refused_pipes = 8 - figures["pipes delivered"]
+    assert figures["receivers refused"] == 2 * refused_pipes
+    assert figures["delivered_bytes"] == 2 * 4096 * figures["pipes delivered"]
+
+
 @pytest.fixture(scope="module")
-def dependencies():
-    try:
-        deps.ensure_curl()
+def bench_servers():
+    """nginx present and piping-server installed, or the test fails saying what is missing.
+    Nothing is installed from the system's packages here: that is .ci/run's job."""
+    if shutil.which(servers.nginx_binary()) is None:
+        pytest.fail("nginx is missing: apt-get install -y nginx (.ci/run installs it)",
+                    pytrace=False)
+    try:   # node must be there; npm only while .bench-cache lacks the pinned piping-server
         deps.ensure_piping_server(os.path.join(REPO_ROOT, ".bench-cache"))
-        deps.ensure_nginx()
+        problem = None
     except deps.MissingDependency as exc:
-        pytest.skip(f"benchmark dependency unavailable: {exc}")
+        problem = str(exc)
+    if problem:
+        pytest.fail(f"piping-server {deps.PIPING_SERVER_VERSION} is unavailable: {problem}",
+                    pytrace=False)
 
 
-def test_quick_bench_verifies_every_receiver_and_reports_every_row(dependencies, tmp_path):
+def test_quick_bench_verifies_every_receiver_and_reports_every_row(bench_servers, tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "scripts", "bench"),
                            "--quick", "--repeat", "1", "--json", str(out)],
@@ -89,6 +144,7 @@ def test_quick_bench_verifies_every_receiver_and_reports_every_row(dependencies,
     assert EXPECTED_ROWS <= set(rows)
     for (workload, case, metric), row in rows.items():
         names = {"throughput": PIPE_SERVERS + ("nginx",), "slow": PIPE_SERVERS + ("nginx",),
+                 "manypipes": PIPE_SERVERS + ("nginx",),
                  "transmit": ("relayd copy", "relayd sendfile", "relayd auto")
                  }.get(workload, PIPE_SERVERS)
         for name in names:
@@ -99,6 +155,8 @@ def test_quick_bench_verifies_every_receiver_and_reports_every_row(dependencies,
             assert all(row["servers"][name]["median"] == 0 for name in names)
     assert "relayd/piping-server" in rows[("throughput", "N=50, 4 MiB", "GB/s")]["ratios"]
     assert "== throughput" in done.stdout and "relayd/nginx" in done.stdout
+    assert document["meta"]["clients"]["receiver_check"] == "compare"
+    assert "every body byte compared with the payload file" in done.stdout
 
 
 def test_compare_relayd_runs_each_option_set_and_reports_it():

@@ -1,4 +1,5 @@
-"""Several relayd nodes behind HAProxy (deploy/haproxy.cfg as shipped, placeholders filled in).
+"""Several relayd nodes behind HAProxy (deploy/haproxy.cfg as shipped, placeholders filled in),
+and behind nginx (deploy/nginx.conf); each test skips only when its own balancer is missing.
 
 One path must always land on one node (its sender and receivers meet there) while paths spread
 over every node; streams pass through unbuffered; a node that stops is marked down by the
@@ -21,8 +22,12 @@ from conftest import (curl_receiver, curl_sender, payload, sha256_file, stop_pro
                       wait_for)
 
 HAPROXY = shutil.which("haproxy")
-pytestmark = pytest.mark.skipif(
+NGINX = shutil.which("nginx")
+# Each test skips for its own balancer only: the nginx test needs no haproxy, and back.
+needs_haproxy = pytest.mark.skipif(
     HAPROXY is None, reason="haproxy is not installed (apt-get install -y haproxy)")
+needs_nginx = pytest.mark.skipif(
+    NGINX is None, reason="nginx is not installed (apt-get install -y nginx)")
 
 CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "haproxy.cfg"
 NODES = 3
@@ -193,6 +198,7 @@ def percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(p / 100 * len(sorted_values)))]
 
 
+@needs_haproxy
 def test_paths_spread_over_nodes_and_survive_a_node_stopping(cluster, tmp_path):
     nodes, balancer = cluster
     live = list(range(NODES))
@@ -292,11 +298,9 @@ def feed_slowly(sender: subprocess.Popen, record: Path, feeding: threading.Event
     sender.stdin.close()
 
 
+@needs_nginx
 def test_nginx_config_relays_a_pipe_through_one_node(start_relay, tmp_path):
     """deploy/nginx.conf as shipped: a pipe's parties meet on one node, bytes intact."""
-    nginx = shutil.which("nginx")
-    if nginx is None:
-        pytest.skip("nginx is not installed (apt-get install -y nginx)")
     nodes = [start_relay(workers=1) for _ in range(2)]
     port = free_port()
     text = (CONFIG.parent / "nginx.conf").read_text()
@@ -308,7 +312,7 @@ def test_nginx_config_relays_a_pipe_through_one_node(start_relay, tmp_path):
     conf = tmp_path / "nginx.conf"
     conf.write_text(text)
     err = open(tmp_path / "nginx.err", "wb")  # noqa: SIM115 -- closed in finally
-    proc = subprocess.Popen([nginx, "-p", str(tmp_path), "-c", str(conf), "-g", "daemon off;"],
+    proc = subprocess.Popen([NGINX, "-p", str(tmp_path), "-c", str(conf), "-g", "daemon off;"],
                             stdout=err, stderr=err)
     try:
         wait_for(lambda: proc.poll() is None and status_of(port, "OPTIONS", "/x") == 200,

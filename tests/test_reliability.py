@@ -30,31 +30,14 @@ import time
 import psutil
 import pytest
 
-from conftest import (MIB, SlowTransfer, curl_receiver, curl_sender, curl_transfer_works, health_retry,
-                      payload, raw_request, read_response, read_until_closed, sha256_file,
-                      start_slow_transfer, wait_all, wait_for, waiting_count)
+from conftest import (MIB, SHORT_BODY, curl_receiver, curl_sender,
+                      curl_transfer_works, health_retry, payload, raw_request, read_response,
+                      read_until_closed, sha256_file, start_slow_transfer, transfer_logs,
+                      wait_all, wait_for, waiting_count)
 
-LOG_RE = re.compile(r"relayd: transfer path='(?P<path>[^']*)' n=(?P<n>\d+) bytes=(?P<bytes>\d+) "
-                    r"seconds=\S+ transmit=\S+ receivers_done=(?P<done>\d+) "
-                    r"receivers_lost=(?P<lost>\d+) sender=w(?P<sender>\d+) "
-                    r"workers=(?P<workers>\S*) outcome=(?P<outcome>.*)$", re.M)
-SHORT_BODY = (18, 56)                # curl: partial transfer / receive error
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def transfer_logs(relay) -> dict[str, dict]:
-    """Transfer log lines by path: n, bytes, done, lost, sender, workers {index: count}."""
-    found = {}
-    for m in LOG_RE.finditer(relay.stderr_text()):
-        d = m.groupdict()
-        d["workers"] = {int(w[1:].split(":")[0]): int(w.split(":")[1])
-                        for w in d["workers"].split(",") if w}
-        for k in ("n", "bytes", "done", "lost", "sender"):
-            d[k] = int(d[k])
-        found[d["path"]] = d
-    return found
-
-
 def daemon_processes(relay) -> list[psutil.Process]:
     sup = psutil.Process(relay.proc.pid)
     return [sup, *sup.children(recursive=True)]
@@ -90,17 +73,20 @@ def test_slowloris_client_gets_408_and_is_closed_while_a_normal_transfer_complet
         start_relay, tmp_path):
     relay = start_relay("--head-timeout", "1", workers=2)
     slow = raw_request(relay.port, b"GET /x HTTP/1.1\r\nHo")
-    connected = time.monotonic()
     stop = threading.Event()
+    head_sent = threading.Event()   # never, unless the relay waited out the whole trickle
 
     def trickle():
-        for byte in b"st: relay\r\nX-Slow: " + b"s" * 200:
+        # A byte every 0.5 s, never idle, never a whole head (about 110 s of it): only the
+        # absolute head timeout can end this connection before the head is complete.
+        for byte in b"st: relay\r\nX-Slow: " + b"s" * 200 + b"\r\n\r\n":
             if stop.wait(0.5):
                 return
             try:
                 slow.send(bytes([byte]))
             except OSError:
                 return
+        head_sent.set()
     trickler = threading.Thread(target=trickle, daemon=True)
     trickler.start()
     # Meanwhile a normal transfer on the same relay.
@@ -109,13 +95,14 @@ def test_slowloris_client_gets_408_and_is_closed_while_a_normal_transfer_complet
     outs = [tmp_path / f"beside-{i}" for i in range(2)]
     receivers = [curl_receiver(url, o) for o in outs]
     sender = curl_sender(url, src)
-    data, closed = read_until_closed(slow, timeout=10)
-    took = time.monotonic() - connected
+    data, closed = read_until_closed(slow, timeout=60)
+    cut_mid_head = not head_sent.is_set()
     stop.set()
     slow.close()
     assert data.startswith(b"HTTP/1.1 408"), data[:200]
     assert b"[ERROR]" in data
-    assert closed and took < 1 + 3, f"not closed within the head timeout + slack: {took:.1f}s"
+    assert closed, "the slowloris connection was left open"
+    assert cut_mid_head, "the relay let the trickle finish its head"
     assert wait_all([sender, *receivers]) == [0, 0, 0]
     assert [sha256_file(o) for o in outs] == [sha256_file(src)] * 2
     trickler.join(5)
@@ -147,8 +134,9 @@ def test_the_connection_beyond_max_connections_gets_503_with_retry_after_and_nev
     held = [raw_request(relay.port, f"GET /held-{i}?n=2 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             for i in range(5)]
     for _ in range(3):
-        extra = raw_request(relay.port, b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n", timeout=5)
-        data, closed = read_until_closed(extra, timeout=5)
+        extra = raw_request(relay.port, b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n",
+                            timeout=30)
+        data, closed = read_until_closed(extra, timeout=30)
         extra.close()
         assert data.startswith(b"HTTP/1.1 503"), data[:200]
         assert b"\r\nretry-after: " in data.lower()
@@ -279,56 +267,6 @@ def test_ten_thousand_abandoned_paths_give_back_their_memory_and_connections(sta
 
 
 # -- faults ----------------------------------------------------------------------------------
-def test_kill_9_of_a_worker_mid_transfer_aborts_its_pipes_visibly_and_the_others_complete(
-        start_relay, tmp_path):
-    relay = start_relay(workers=2)
-    n, pipes = 3, 6
-    transfers = [SlowTransfer(relay, tmp_path, f"/kill-w-{i}", n, 3 * MIB, pause_at=MIB,
-                              seed=i) for i in range(pipes)]
-    wait_for(lambda: health_retry(relay)["pipes_streaming"] == pipes, timeout=30,
-             what="every pipe streaming")
-    for t in transfers:
-        assert t.paused.wait(20)
-    victim = next(w["pid"] for w in relay.health()["workers"] if w["index"] == 0)
-    os.kill(victim, signal.SIGKILL)
-    results = [t.wait() for t in transfers]
-    logs = wait_for(lambda: (lambda found: found if all(t.path in found for t in transfers)
-                             else None)(transfer_logs(relay)), timeout=20, what="6 log lines")
-    summary = []
-    for t, (sender_code, codes) in zip(transfers, results):
-        log, shas = logs[t.path], t.receiver_shas()
-        summary.append((t.path, log["sender"], log["workers"], sender_code, codes))
-        # Never a receiver that exits 0 with the wrong bytes.
-        for code, sha in zip(codes, shas):
-            assert code != 0 or sha == t.sha, (t.path, codes, log)
-        if log["sender"] == 0:
-            assert log["outcome"].startswith("aborted"), log
-            assert all(c != 0 for c in codes), (t.path, codes, log)
-            assert sender_code != 0
-        else:
-            on_victim = log["workers"].get(0, 0)
-            assert log["lost"] == on_victim and log["done"] == n - on_victim, log
-            assert sum(c == 0 and s == t.sha for c, s in zip(codes, shas)) \
-                == log["done"], (t.path, codes, log)
-            assert sum(1 for c in codes if c != 0) == log["lost"], (t.path, codes, log)
-            if log["done"]:
-                assert log["outcome"].startswith("ok"), log
-                assert sender_code == 0, (t.path, sender_code, t.sender.stdout.read())
-    print("\npipes (path, sender worker, receivers per worker, sender exit, receiver exits):")
-    for row in summary:
-        print("  ", row)
-
-    def respawned():
-        h = health_retry(relay)
-        pids = {w["index"]: w["pid"] for w in h["workers"]}
-        return (h["workers_alive"] == 2 and len(pids) == 2 and victim not in pids.values()
-                and h["worker_restarts"] >= 1)
-    wait_for(respawned, timeout=20, what="worker 0 respawned")
-    h = relay.wait_idle()
-    assert (h["pipes_waiting"], h["pipes_streaming"], h["slots_in_use"]) == (0, 0, 0)
-    curl_transfer_works(relay, tmp_path, "/after-worker-kill")
-
-
 def test_a_stopped_worker_is_killed_and_replaced_by_the_heartbeat(start_relay, tmp_path):
     relay = start_relay("--worker-timeout", "2", workers=2)
     victim = next(w["pid"] for w in relay.health()["workers"] if w["index"] == 0)
@@ -357,8 +295,10 @@ def test_kill_9_of_the_supervisor_takes_every_worker_down_and_frees_the_port(sta
     workers = wait_for(lambda: (lambda c: c if len(c) == 2 else None)(sup.children()),
                        what="two workers")
     os.kill(relay.proc.pid, signal.SIGKILL)
-    relay.proc.wait(5)
-    gone, alive = psutil.wait_procs(workers, timeout=2.5)
+    relay.proc.wait(30)
+    # PR_SET_PDEATHSIG: the workers exit on their own (nobody else signals them); the
+    # deadline only bounds a failure.
+    gone, alive = psutil.wait_procs(workers, timeout=30)
     assert not alive, f"workers outlived the supervisor: {alive}"
     probe = socket.socket()
     try:
@@ -403,13 +343,21 @@ def test_sigterm_aborts_a_transfer_that_outlives_the_grace_time_with_short_bodie
 
 
 def test_sigquit_stops_at_once_even_with_a_transfer_in_flight(start_relay, tmp_path):
-    relay = start_relay(workers=2)
-    t = start_slow_transfer(relay, tmp_path, "/quit", n=2, size=2 * MIB, max_time=30)
+    # A grace time longer than any wait here: exiting at all, while the transfer is paused
+    # and can never finish, shows SIGQUIT did not wait for it.
+    relay = start_relay("--graceful-timeout", "600", workers=2)
+    t = start_slow_transfer(relay, tmp_path, "/quit", n=2, size=2 * MIB, max_time=120)
+    wait_for(lambda: all(o.exists() and o.stat().st_size > 0 for o in t.outs),
+             what="every receiver has bytes")
     relay.proc.send_signal(signal.SIGQUIT)
-    relay.proc.wait(3)                              # raises TimeoutExpired if not prompt
-    codes = wait_all(t.receivers, timeout=20)
+    assert relay.exited(timeout=60) is not None, "SIGQUIT waited for the transfer"
+    assert "graceful stop" not in relay.stderr_text()
+    codes = wait_all(t.receivers, timeout=60)
     assert all(c != 0 for c in codes), codes
-    t.wait(20)
+    for o in t.outs:                                # short, never corrupt
+        got = o.read_bytes()
+        assert len(got) < len(t.data) and got == t.data[:len(got)]
+    t.wait(60)
 
 
 class VersionHammer(threading.Thread):
@@ -648,8 +596,10 @@ def test_soak_of_random_transfers_delivers_every_byte_and_returns_to_baseline(st
 # -- fuzz ------------------------------------------------------------------------------------
 FUZZ_CASES = 500
 FUZZ_SEED = 1729
-FUZZ_TIMEOUT_S = 5                 # per recv; the relay's own timeouts are 2 s
-FUZZ_DEADLINE_S = 12               # per case: head/rendezvous/keep-alive timeouts + slack
+# A hang is no answer and no close long after the relay's own 2 s timeouts: these bound a
+# broken relay, never its speed (500 cases, 64 at a time, on a loaded 2-core machine).
+FUZZ_TIMEOUT_S = 30                # per recv
+FUZZ_DEADLINE_S = 60               # per case
 FUZZ_ALLOWED_5XX = {501, 503, 505}
 HUGE = [b"99999999999999999999", b"18446744073709551616", b"-1", b"0x10", b"1e3", b"",
         b"4294967296", b"00000000000000000001"]

@@ -21,7 +21,7 @@ from conftest import (Relay, curl_receiver, curl_sender, payload, read_until_clo
 REQUESTS_DIR = Path(__file__).parent / "requests"
 CASES = sorted(p.stem for p in REQUESTS_DIR.glob("*.http"))
 HEAD_TIMEOUT_S = 2
-READ_TIMEOUT_S = HEAD_TIMEOUT_S + 6          # a bound, not a speed claim
+READ_TIMEOUT_S = 30                          # bounds a relay that never closes; not speed
 ALLOWED_5XX = {501, 503, 505}
 
 # Cases where the daemon is wrong today: expected vs actual, measured on the real daemon.
@@ -88,7 +88,7 @@ def test_a_sender_rejected_for_its_chunked_body_leaves_no_pipe_waiting(module_re
     for name in ("011-invalid-chunk-size", "012-overflowing-chunk-size"):
         data, _ = send_raw(module_relay.port, (REQUESTS_DIR / f"{name}.http").read_bytes())
         assert data.startswith(b"HTTP/1.1 400"), data[:100]
-    wait_for(lambda: waiting_count(module_relay) == 0, timeout=3, what="no pipe waiting")
+    wait_for(lambda: waiting_count(module_relay) == 0, timeout=30, what="no pipe waiting")
 
 
 def test_the_relay_still_serves_a_curl_transfer_after_all_the_bad_requests(module_relay,

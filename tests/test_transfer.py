@@ -1,19 +1,26 @@
 """The data path end to end: real curl senders and receivers, sha256 of every receiver."""
 from __future__ import annotations
 
+import hashlib
 import os
+import random
 import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
 
-from conftest import (CURL, curl_receiver, curl_sender, payload, raw_request, sha256_file,
-                      wait_all, wait_for, waiting_count)
+from conftest import (curl_receiver, curl_sender, health_retry, payload, raw_request,
+                      sha256_file, start_slow_transfer, wait_all, wait_for, waiting_count)
 
 SIZES = {"empty": 0, "one-byte": 1, "1MiB": 1 << 20}
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def relay_once(relay, tmp_path, path, n, size, chunked, receivers_first=True, seed=0):
@@ -105,7 +112,8 @@ def test_sender_killed_mid_body_gives_receivers_a_short_body(relay, tmp_path):
     receivers = [curl_receiver(url, o) for o in outs]
     wait_for(lambda: waiting_count(relay) == 1)
     sender = curl_sender(url, None, stdin=subprocess.PIPE)
-    sender.stdin.write(b"x" * 300_000)
+    sent = random.Random(1).randbytes(300_000)
+    sender.stdin.write(sent)           # a chunked body that is never ended
     sender.stdin.flush()
     wait_for(lambda: all(o.exists() and o.stat().st_size >= 250_000 for o in outs),
              what="receivers got the first bytes")
@@ -113,6 +121,9 @@ def test_sender_killed_mid_body_gives_receivers_a_short_body(relay, tmp_path):
     codes = wait_all(receivers)
     # A truncated chunked body: curl reports a partial transfer (18) or a receive error (56).
     assert all(c in (18, 56) for c in codes), codes
+    # Short, never corrupt: each receiver has the start of what was sent.
+    got = [o.read_bytes() for o in outs]
+    assert [sha256_bytes(g) for g in got] == [sha256_bytes(sent[:len(g)]) for g in got]
     relay.wait_idle()
 
 
@@ -198,22 +209,37 @@ def test_waiting_sender_that_hangs_up_leaves_the_rendezvous(relay, tmp_path):
 
 # -- pace ------------------------------------------------------------------------------------
 
-class SlowReader:
-    """A raw-socket receiver that reads in small sips with pauses."""
+class SlowReader(threading.Thread):
+    """A raw-socket receiver that reads in small sips with pauses. At `hold_at` body bytes it
+    stops reading until `go` is set, so whatever finishes meanwhile finished before it."""
 
-    def __init__(self, port: int, path: str, sip: int = 16384, pause: float = 0.01):
+    def __init__(self, port: int, path: str, hold_at: int, sip: int = 16384,
+                 pause: float = 0.01):
+        super().__init__(daemon=True)
         self.sock = raw_request(port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-        self.sip, self.pause = sip, pause
+        self.sock.settimeout(60)
+        self.sip, self.pause, self.hold_at = sip, pause, hold_at
+        self.raw = b""
+        self.holding = threading.Event()
+        self.go = threading.Event()
+        self.done = threading.Event()
+        self.start()
 
-    def read_all(self) -> bytes:
-        data = b""
-        while True:
-            chunk = self.sock.recv(self.sip)
-            if not chunk:
-                return data
-            data += chunk
-            time.sleep(self.pause)
+    def body_bytes(self) -> int:
+        head_end = self.raw.find(b"\r\n\r\n")
+        return 0 if head_end < 0 else len(self.raw) - head_end - 4
+
+    def run(self) -> None:
+        try:
+            while chunk := self.sock.recv(self.sip):
+                self.raw += chunk
+                if not self.go.is_set() and self.body_bytes() >= self.hold_at:
+                    self.holding.set()
+                    self.go.wait(120)
+                time.sleep(self.pause)
+        finally:
+            self.done.set()
 
 
 def dechunk(body: bytes) -> bytes:
@@ -232,17 +258,24 @@ def test_slow_reader_does_not_hold_fast_receivers_within_the_window(relay, tmp_p
     url = f"{relay.url}/pace?n=4"
     outs = [tmp_path / f"f{i}" for i in range(3)]
     fast = [curl_receiver(url, o) for o in outs]
-    slow = SlowReader(relay.port, "/pace?n=4")
+    slow = SlowReader(relay.port, "/pace?n=4", hold_at=256 * 1024)
     wait_for(lambda: waiting_count(relay) == 1)
     sender = curl_sender(url, src)
-    assert wait_all(fast) == [0, 0, 0]
-    # Every fast receiver is complete while the slow one is still far from done.
-    head = slow.sock.recv(4096)
+    try:
+        # The slow reader sips its first 256 KiB, then reads nothing until the fast ones are
+        # done: were they held to its pace, they would never finish (curl's --max-time).
+        assert slow.holding.wait(60), "the slow reader never got its first bytes"
+        assert wait_all(fast) == [0, 0, 0]
+        assert [sha256_file(o) for o in outs] == [sha256_file(src)] * 3
+        behind = slow.body_bytes()
+        assert not slow.done.is_set() and behind < src.stat().st_size, behind
+    finally:
+        slow.go.set()
+    assert slow.done.wait(60)
+    head, _, body = slow.raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
-    rest = slow.read_all()
-    body = (head + rest).partition(b"\r\n\r\n")[2]
+    assert b"chunked" not in head.lower()             # a Content-Length sender (curl -T file)
     assert wait_all([sender]) == [0]
-    assert [sha256_file(o) for o in outs] == [sha256_file(src)] * 3
     assert body == src.read_bytes()
 
 
@@ -261,7 +294,9 @@ def test_sendfile_ring_pages_held_by_a_stalled_socket_are_not_overwritten(start_
     stalled.sendall(b"GET /punch?n=2 HTTP/1.1\r\nHost: x\r\n\r\n")
     wait_for(lambda: waiting_count(relay) == 1)
     sender = curl_sender(url, src)
-    time.sleep(2)              # not a speed assertion: lets the socket queue fill and the ring lap
+    # The fast receiver gets all 24 MiB while the stalled one reads nothing: by then the
+    # 512 KiB ring has lapped dozens of times over whatever the stalled socket holds queued.
+    assert wait_all([fast]) == [0]
     stalled.settimeout(30)
     data = b""
     while True:
@@ -269,7 +304,7 @@ def test_sendfile_ring_pages_held_by_a_stalled_socket_are_not_overwritten(start_
         if not chunk:
             break
         data += chunk
-    assert wait_all([sender, fast]) == [0, 0]
+    assert wait_all([sender]) == [0]
     body = data.partition(b"\r\n\r\n")[2]
     assert len(body) == len(src.read_bytes())
     assert body == src.read_bytes()
@@ -291,18 +326,33 @@ def test_http10_receiver_of_a_chunked_sender_gets_the_plain_body(relay, tmp_path
     assert wait_all([sender]) == [0]
 
 
-@pytest.mark.skipif(CURL is None, reason="needs curl")
 def test_worker_killed_mid_transfer_is_respawned_and_relay_serves_on(start_relay, tmp_path):
     relay = start_relay(workers=2)
-    pids = [w["pid"] for w in relay.health()["workers"]]
-    os.kill(pids[0], signal.SIGKILL)
+    size = 2 << 20
+    # A transfer in flight: its feeder paused at 512 KiB, every receiver part of the way.
+    t = start_slow_transfer(relay, tmp_path, "/mid-kill", n=2, size=size,
+                            pause_at=512 * 1024, max_time=30)
+    wait_for(lambda: all(o.exists() and o.stat().st_size > 0 for o in t.outs),
+             what="every receiver has bytes")
+    assert all(o.stat().st_size < size for o in t.outs)
+    # The sender's worker: the one that counted the pipe's sender (published once a second).
+    victim = wait_for(lambda: [w["pid"] for w in health_retry(relay)["workers"]
+                               if w["senders"] == 1], what="the sender's worker")[0]
+    os.kill(victim, signal.SIGKILL)
+    codes = wait_all(t.receivers)
+    assert all(c in (18, 56) for c in codes), codes          # a short body, visibly
+    sender_code, _ = t.wait()
+    assert sender_code != 0
+    got = [o.read_bytes() for o in t.outs]
+    assert all(len(g) < size for g in got)
+    assert [sha256_bytes(g) for g in got] == [sha256_bytes(t.data[:len(g)]) for g in got]
 
     def respawned():
         try:        # a request may land in the dead worker's accept queue: reset, retry
             workers = relay.health()["workers"]
         except OSError:
             return False
-        return len(workers) == 2 and pids[0] not in [w["pid"] for w in workers]
+        return len(workers) == 2 and victim not in [w["pid"] for w in workers]
     wait_for(respawned, what="respawned worker")
     want, got, _ = relay_once(relay, tmp_path, "/after-kill", 3, 100_000, chunked=True)
     assert got == [want] * 3

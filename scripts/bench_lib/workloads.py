@@ -1,10 +1,16 @@
 """One measured run of each workload against one running server, integrity checked.
 
 Every function returns a dict of figures for one run, or raises IntegrityError when a
-receiver's byte count or sha256 differs from what was sent (or a line was lost), or
-WorkloadError when a client failed. Receivers always connect first, then the producer
-starts, for every server alike. GB = 10^9 bytes.
+receiver's bytes differ from what was sent (or a line was lost), or WorkloadError when a
+client failed. Receivers always connect first, then the producer starts, for every server
+alike. GB = 10^9 bytes.
+
+The clients are the harness's own processes, never the server's: procstats counts the
+server's process tree only, so their CPU is not server CPU. How they run is a Clients:
+receivers spread over one process per usable core, each body checked in full (compare: byte
+for byte against the payload file; sha256: hashed).
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -22,8 +28,10 @@ MIB = 1 << 20
 # Receivers and producers are bounded: generous for the slowest expected rate, never forever.
 MIN_RUN_DEADLINE_S = 60
 SLOWEST_EXPECTED_BPS = 20e6
+SLOWEST_EXPECTED_PIPES_PER_S = 50
 LATENCY_SETTLE_S = 0.3
 PRODUCER_FAILURE_GRACE_S = 10
+RESULT_POLL_S = 0.05
 WAITING_SETTLE_S = 2.0
 
 
@@ -33,6 +41,20 @@ class WorkloadError(RuntimeError):
 
 class IntegrityError(RuntimeError):
     """A receiver got bytes different from the producer's."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Clients:
+    """How the harness's receivers run: over how many processes, and how bodies are checked."""
+
+    processes: int = len(os.sched_getaffinity(0))
+    check: str = "compare"      # or "sha256"
+
+    def describe(self):
+        how = ("every body byte compared with the payload file (memcmp), the file's sha256 "
+               "checked once per process" if self.check == "compare"
+               else "count and sha256 of every body")
+        return f"receivers over up to {self.processes} processes; {how}"
 
 
 def unique_path(prefix):
@@ -46,6 +68,8 @@ class ClientProcess:
         env = dict(os.environ, PYTHONPATH=SCRIPTS_DIR)
         self.deadline_s = deadline_s
         self.started_at = time.monotonic()
+        self.result = self.failure = None
+        self.collected = threading.Event()
         self.process = subprocess.Popen(
             [sys.executable, "-m", f"bench_lib.{module}", *map(str, args),
              "--deadline-s", str(deadline_s)],
@@ -61,30 +85,24 @@ class ClientProcess:
         raise WorkloadError(f"client exited without {tag}: {self.process.stderr.read()[-800:]}")
 
     def send(self, line):
-        self.process.stdin.write(line + "\n")
-        self.process.stdin.flush()
+        try:
+            self.process.stdin.write(line + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            pass    # the child has exited: what it printed, or failed to, tells the rest
 
-    def finish_within(self, grace_s):
-        """The RESULT document if the child prints it within grace_s, else WorkloadError."""
-        outcome = {}
-
+    def collect_in_background(self):
+        """Read RESULT in a thread: `collected` is set with `result` or `failure`."""
         def read_result():
             try:
-                outcome["result"] = self.expect("RESULT")
+                self.result = self.finish()
             except WorkloadError as exc:
-                outcome["error"] = exc
+                self.failure = exc
+            finally:
+                self.collected.set()
 
         # A thread, not communicate(): expect() already buffered stdout through its iterator.
-        reader = threading.Thread(target=read_result, daemon=True)
-        reader.start()
-        reader.join(grace_s)
-        if reader.is_alive():
-            self.kill()
-            reader.join()
-            raise WorkloadError(f"receivers still running {grace_s:.0f} s later")
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["result"]
+        threading.Thread(target=read_result, daemon=True).start()
 
     def finish(self):
         """The RESULT document; the child is waited for (killed past its deadline)."""
@@ -101,67 +119,174 @@ class ClientProcess:
             self.process.wait()
 
 
+def wait_results(clients, producer=None, grace_s=PRODUCER_FAILURE_GRACE_S):
+    """Every client's RESULT document, in order. Once the producer has failed, the clients
+    have grace_s to report (what they saw, e.g. a corrupt body, says more than its exit code)."""
+    for client in clients:
+        client.collect_in_background()
+    give_up_at = None
+    for client in clients:
+        while not client.collected.wait(RESULT_POLL_S):
+            if give_up_at is None and producer is not None and producer.failed():
+                give_up_at = time.monotonic() + grace_s
+            if give_up_at is not None and time.monotonic() > give_up_at:
+                for other in clients:
+                    other.kill()
+                raise WorkloadError(f"receivers still running {grace_s:.0f} s later")
+        if client.failure:
+            raise client.failure
+    return [client.result for client in clients]
+
+
+def spread(count, processes):
+    """count split into at most `processes` near-equal shares, none empty."""
+    processes = max(1, min(processes, count))
+    return [count // processes + (i < count % processes) for i in range(processes)]
+
+
+class Receivers:
+    """The receivers of one target, over several client processes started together.
+
+    shares: [(count, extra args of its process)], receiver indices assigned in that order.
+    Every process connects once all are prepared (GO), so no process's start-up is timed;
+    when the constructor returns, every GET is sent.
+    """
+
+    def __init__(self, server, target, shares, deadline_s, clients, payload=None,
+                 mode="bytes"):
+        if clients.check == "compare" and payload is not None:
+            check = ["--check", "compare", "--reference", payload.path,
+                     "--reference-sha256", payload.sha256]
+        else:
+            check = ["--check", "sha256"]
+        self.processes = []
+        first_index = 0
+        try:
+            for count, extra in shares:
+                self.processes.append(ClientProcess(
+                    "receivers", ["--port", server.port, "--target", target, "--count", count,
+                                  "--first-index", first_index, "--mode", mode, "--wait-go",
+                                  *check, *extra], deadline_s, stdin=subprocess.PIPE))
+                first_index += count
+            for process in self.processes:
+                process.expect("PREPARED")
+            for process in self.processes:
+                process.send("GO")
+            for process in self.processes:
+                process.expect("READY")
+        except BaseException:
+            self.kill()
+            raise
+
+    def kill(self):
+        for process in self.processes:
+            process.kill()
+
+
+def merged_outcomes(results):
+    return sorted((r for result in results for r in result["receivers"]),
+                  key=lambda r: r["index"])
+
+
 def deadline_for(total_bytes):
     return max(MIN_RUN_DEADLINE_S, total_bytes / SLOWEST_EXPECTED_BPS)
 
 
-def start_receivers(server, target, count, mode="bytes", deadline_s=MIN_RUN_DEADLINE_S,
-                    extra=()):
-    receivers = ClientProcess(
-        "receivers",
-        ["--port", server.port, "--target", target, "--count", count, "--mode", mode, *extra],
-        deadline_s, stdin=subprocess.PIPE if mode == "wait" else subprocess.DEVNULL)
-    receivers.expect("READY")
-    return receivers
+class CurlProducer:
+    """curl -sS -T - URL, fed the payload on stdin (a chunked upload), in the background."""
+
+    def __init__(self, server, target, payload, deadline_s):
+        self.deadline_s = deadline_s
+        with open(payload.path, "rb") as body:
+            self.process = subprocess.Popen(
+                ["curl", "-sS", "-T", "-", server.url + target], stdin=body,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                preexec_fn=die_with_parent)
+        # Drained in a thread so curl never blocks on the progress lines it prints.
+        self.output = {}
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        self.output["stdout"], self.output["stderr"] = self.process.communicate()
+
+    def failed(self):
+        return self.process.poll() not in (None, 0)
+
+    def finish(self):
+        """Wait for curl; WorkloadError if it fails or outlives the deadline."""
+        self.reader.join(self.deadline_s)
+        if self.reader.is_alive():
+            self.kill()
+            raise WorkloadError(f"curl producer exceeded {self.deadline_s:.0f} s")
+        if self.process.returncode != 0:
+            raise WorkloadError(f"curl producer exited {self.process.returncode}: "
+                                f"{self.output['stderr'][-300:]!r}")
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.reader.join()
 
 
-def run_curl_producer(server, target, payload, deadline_s):
-    """curl -sS -T - URL, fed the payload on stdin (chunked upload). Returns curl's output."""
-    with open(payload.path, "rb") as body:
-        try:
-            done = subprocess.run(["curl", "-sS", "-T", "-", server.url + target], stdin=body,
-                                  capture_output=True, timeout=deadline_s,
-                                  start_new_session=True, preexec_fn=die_with_parent)
-        except subprocess.TimeoutExpired:
-            raise WorkloadError(f"curl producer exceeded {deadline_s:.0f} s") from None
-    if done.returncode != 0:
-        raise WorkloadError(f"curl producer exited {done.returncode}: {done.stderr[-300:]!r}")
-    return done.stdout.decode("utf-8", "replace")
-
-
-def produce_and_receive(server, target, payload, receivers, deadline_s):
-    """Run the curl producer (if any), then collect the receivers' RESULT.
-
-    A failed producer still lets the receivers report (briefly): what they saw, e.g. a
-    corrupt body, says more than curl's exit code.
-    """
+def produce_and_receive(server, target, payload, fast, deadline_s, slow=()):
+    """Start the curl producer (if any), collect the fast clients' RESULT, then LIFT the slow
+    ones' throttle and collect theirs. Returns every receiver's outcome, by index, and the
+    receivers' own CPU seconds."""
+    producer = CurlProducer(server, target, payload, deadline_s) if server.has_producer else None
     try:
-        if server.has_producer:
-            try:
-                run_curl_producer(server, target, payload, deadline_s)
-            except WorkloadError as producer_failure:
+        try:
+            results = wait_results(fast, producer)
+            for client in slow:
+                client.send("LIFT")
+            results += wait_results(slow, producer)
+        except WorkloadError as receivers_failure:
+            if producer is not None and producer.failed():
                 try:
-                    result = receivers.finish_within(PRODUCER_FAILURE_GRACE_S)
-                except WorkloadError as receivers_failure:
+                    producer.finish()
+                except WorkloadError as producer_failure:
                     raise WorkloadError(f"{producer_failure}; {receivers_failure}") from None
-                verify(result["receivers"], payload.size, payload.sha256,
+            raise
+        outcomes = merged_outcomes(results)
+        if producer is not None:
+            try:
+                producer.finish()
+            except WorkloadError as producer_failure:
+                verify(outcomes, payload.size, payload.sha256,
                        f"{server.name} (after: {producer_failure})")
                 raise
-        return receivers.finish()
+        return outcomes, sum(result["client_cpu_s"] for result in results)
     finally:
-        receivers.kill()
+        for client in (*fast, *slow):
+            client.kill()
+        if producer is not None:
+            producer.kill()
 
 
 def verify(receivers, size, sha256, label):
     """Raise IntegrityError naming every receiver whose body is not exactly the payload."""
     bad = [r for r in receivers
-           if r["error"] or not r["complete"] or r["bytes"] != size or r["sha256"] != sha256]
+           if r["error"] or not r["complete"] or r["bytes"] != size
+           or not body_matches(r, sha256)]
     if bad:
         sample = "; ".join(
             f"#{r['index']}: {r['bytes']} B complete={r['complete']} error={r['error']} "
-            f"sha256 {'ok' if r['sha256'] == sha256 else 'MISMATCH'}" for r in bad[:5])
+            f"{describe_body(r, sha256)}" for r in bad[:5])
         raise IntegrityError(f"{label}: {len(bad)}/{len(receivers)} receivers wrong "
                              f"(expected {size} B sha256 {sha256[:16]}…): {sample}")
+
+
+def body_matches(outcome, sha256):
+    if outcome.get("check") == "compare":
+        return outcome["mismatch_at"] is None
+    return outcome["sha256"] == sha256
+
+
+def describe_body(outcome, sha256):
+    if outcome.get("check") == "compare":
+        return ("bytes equal the payload's" if outcome["mismatch_at"] is None
+                else f"DIFFERS from the payload at byte {outcome['mismatch_at']}")
+    return f"sha256 {'ok' if outcome['sha256'] == sha256 else 'MISMATCH'}"
 
 
 def transfer_target(server, payload, n, prefix):
@@ -171,36 +296,42 @@ def transfer_target(server, payload, n, prefix):
     return f"{unique_path(prefix)}?n={n}"
 
 
-def run_throughput(server, payload, n):
+def run_throughput(server, payload, n, clients=Clients()):
     """1 curl producer -> n receivers: delivered GB/s and server CPU-seconds per GB."""
     target = transfer_target(server, payload, n, "throughput")
     deadline_s = deadline_for(payload.size * n)
     cpu_before = server.cpu_seconds()
-    receivers = start_receivers(server, target, n, deadline_s=deadline_s)
-    result = produce_and_receive(server, target, payload, receivers, deadline_s)
+    receivers = Receivers(server, target, [(count, []) for count in spread(n, clients.processes)],
+                          deadline_s, clients, payload)
+    outcomes, client_cpu_s = produce_and_receive(server, target, payload, receivers.processes,
+                                                 deadline_s)
     cpu_used = server.cpu_seconds() - cpu_before
     server.check_alive()
-    outcomes = result["receivers"]
     verify(outcomes, payload.size, payload.sha256, f"{server.name} throughput n={n}")
     delivered = sum(r["bytes"] for r in outcomes)
     elapsed_s = (max(r["t_done_ns"] for r in outcomes)
                  - min(r["t_connect_ns"] for r in outcomes)) / 1e9
     return {"GB/s": delivered / elapsed_s / GB, "CPU s/GB": cpu_used / (delivered / GB),
-            "delivered_bytes": delivered, "elapsed_s": elapsed_s, "cpu_s": cpu_used}
+            "delivered_bytes": delivered, "elapsed_s": elapsed_s, "cpu_s": cpu_used,
+            "client_processes": len(receivers.processes), "client_cpu_s": client_cpu_s}
 
 
 def run_latency(server, n, lines, rate, warmup_lines):
-    """Paced chunked producer -> n line-splitting receivers: per-line latency, lines lost."""
+    """Paced chunked producer -> n line-splitting receivers: per-line latency, lines lost.
+
+    One receivers process, sha256 check: 200 lines/s is no load for a client, and the
+    latency percentiles come from one process's stamps.
+    """
     target = f"{unique_path('tokens')}?n={n}"
     deadline_s = MIN_RUN_DEADLINE_S + lines / rate
-    receivers = start_receivers(server, target, n, mode="lines", deadline_s=deadline_s,
-                                extra=["--warmup-lines", warmup_lines])
+    receivers = Receivers(server, target, [(n, ["--warmup-lines", warmup_lines])], deadline_s,
+                          Clients(processes=1, check="sha256"), mode="lines")
     try:
         time.sleep(LATENCY_SETTLE_S)  # let the server register every GET before lines flow
         producer = ClientProcess("producer", ["--port", server.port, "--target", target,
                                               "--lines", lines, "--rate", rate], deadline_s)
         sent = producer.finish()
-        result = receivers.finish()
+        result = receivers.processes[0].finish()
     finally:
         receivers.kill()
     server.check_alive()
@@ -214,28 +345,101 @@ def run_latency(server, n, lines, rate, warmup_lines):
             "max ms": latency["max"] / 1e6, "lines lost": lost}
 
 
-def run_fast_receivers(server, payload, n, throttle_bps):
-    """n receivers, #0 throttled (or not): aggregate GB/s of receivers 1..n-1 only."""
+def run_fast_receivers(server, payload, n, throttle_bps, clients):
+    """n receivers, #0 alone in its own process, throttled (or not): aggregate GB/s of
+    receivers 1..n-1 only, which share the other processes."""
     target = transfer_target(server, payload, n, "slow")
     deadline_s = deadline_for(payload.size * n) + (payload.size / throttle_bps if throttle_bps
                                                     else 0)
-    extra = ["--throttle-bps", throttle_bps, "--lift-throttle-after-fast"] if throttle_bps else []
-    receivers = start_receivers(server, target, n, deadline_s=deadline_s, extra=extra)
-    result = produce_and_receive(server, target, payload, receivers, deadline_s)
+    # The same process layout with or without the throttle, so the ratio compares like runs.
+    slow_args = ["--throttle-bps", throttle_bps, "--lift-on-stdin"] if throttle_bps else []
+    shares = [(1, slow_args)] + [(count, []) for count in spread(n - 1, clients.processes)]
+    receivers = Receivers(server, target, shares, deadline_s, clients, payload)
+    slow, fast = receivers.processes[:1], receivers.processes[1:]
+    outcomes, _ = produce_and_receive(server, target, payload, fast, deadline_s, slow=slow)
     server.check_alive()
-    outcomes = result["receivers"]
     verify(outcomes, payload.size, payload.sha256, f"{server.name} slow-receiver n={n}")
-    fast = outcomes[1:]
-    elapsed_s = (max(r["t_done_ns"] for r in fast) - min(r["t_connect_ns"] for r in outcomes)) / 1e9
-    return sum(r["bytes"] for r in fast) / elapsed_s / GB
+    fast_outcomes = outcomes[1:]
+    elapsed_s = (max(r["t_done_ns"] for r in fast_outcomes)
+                 - min(r["t_connect_ns"] for r in outcomes)) / 1e9
+    return sum(r["bytes"] for r in fast_outcomes) / elapsed_s / GB
 
 
-def run_slow_receiver(server, payload, n, throttle_bps):
+def run_slow_receiver(server, payload, n, throttle_bps, clients=Clients()):
     """Fast receivers' speed beside one throttled receiver, as a ratio to an all-fast run."""
-    all_fast = run_fast_receivers(server, payload, n, 0)
-    with_slow = run_fast_receivers(server, payload, n, throttle_bps)
+    all_fast = run_fast_receivers(server, payload, n, 0, clients)
+    with_slow = run_fast_receivers(server, payload, n, throttle_bps, clients)
     return {"fast GB/s, all fast": all_fast, "fast GB/s, one slow": with_slow,
             "ratio": with_slow / all_fast}
+
+
+def run_many_pipes(server, payload, pipes, n, clients=Clients()):
+    """`pipes` concurrent pipes x n receivers, each pipe a distinct slice of the payload
+    (payload.size // pipes bytes, Content-Length): delivered GB/s, server CPU per GB and per
+    pipe, pipes delivered per second, receivers refused (503: counted, never a failure).
+
+    nginx (no producer) serves each slice as a Range of the payload file to its n receivers.
+    Clients: bench_lib.pipes, one process per usable core, stepped together (see there).
+    """
+    size = payload.size // pipes
+    processes = max(1, min(clients.processes, pipes * n))
+    deadline_s = (deadline_for(size * pipes * n)
+                  + pipes * (n + 1) / processes / SLOWEST_EXPECTED_PIPES_PER_S)
+    prefix = ("/" + os.path.basename(payload.path) if not server.has_producer
+              else unique_path("pipes"))
+    common = ["--port", server.port, "--prefix", prefix, "--pipes", pipes, "--n", n,
+              "--size", size, "--reference", payload.path, "--reference-sha256", payload.sha256,
+              "--processes", processes] + ([] if server.has_producer else ["--static"])
+    group = []
+    try:
+        for index in range(processes):
+            group.append(ClientProcess("pipes", common + ["--process-index", index],
+                                       deadline_s, stdin=subprocess.PIPE))
+        for client in group:
+            client.expect("PREPARED")
+        cpu_before = server.cpu_seconds()
+        for client in group:
+            client.send("GO")
+        for client in group:
+            client.expect("RECEIVERS")
+        for client in group:
+            client.send("PRODUCERS")
+        unanswered = sum(client.expect("HEADS")["unanswered"] for client in group)
+        for client in group:
+            client.send("BODIES")
+        results = wait_results(group)
+        cpu_used = server.cpu_seconds() - cpu_before
+    finally:
+        for client in group:
+            client.kill()
+    server.check_alive()
+    total = {key: sum(r[key] for r in results)
+             for key in ("receivers", "ok", "refused", "failed", "corrupt", "delivered_bytes")}
+    pipes_delivered = pipes - len(set().union(*(r["pipes_not_delivered"] for r in results)))
+    if total["failed"]:
+        failures = [text for r in results for text in r["failures"]][:5]
+        raise IntegrityError(
+            f"{server.name} manypipes P={pipes}: {total['failed']}/{total['receivers']} "
+            f"receivers wrong ({total['corrupt']} with corrupt bytes; expected {size} B each, "
+            f"503 refusals not counted): {'; '.join(failures)}")
+    elapsed_s = (max(r["t_last_done_ns"] for r in results)
+                 - min(r["t_first_connect_ns"] for r in results)) / 1e9
+    delivered_gb = total["delivered_bytes"] / GB
+    producers = {}
+    for result in results:
+        for status, count in result["producers"].items():
+            producers[status] = producers.get(status, 0) + count
+    return {"GB/s": delivered_gb / elapsed_s,
+            "CPU s/GB": cpu_used / delivered_gb if delivered_gb else None,
+            "CPU ms/pipe": cpu_used / pipes * 1000,
+            "pipes/s": pipes_delivered / elapsed_s,
+            "receivers refused": total["refused"],
+            "pipes": pipes, "pipes delivered": pipes_delivered, "bytes_per_pipe": size, "elapsed_s": elapsed_s, "cpu_s": cpu_used,
+            "delivered_bytes": total["delivered_bytes"], "producers": producers,
+            "producer_errors": [e for r in results for e in r["producer_errors"]][:5],
+            "producers unanswered before the bodies": unanswered,
+            "client_processes": processes,
+            "client_cpu_s": sum(r["client_cpu_s"] for r in results)}
 
 
 def run_waiting(server, count, settle_s=WAITING_SETTLE_S):
