@@ -25,7 +25,8 @@ client read drains its socket.
 
 What the bench leaves out on purpose: the worker's once-a-second tick, which re-runs every
 pipe "so a lost wake-up costs a second". Here a lost wake-up hangs the transfer, and the
-test fails on its timeout instead of passing slowly.
+test fails on its timeout instead of passing slowly. (`tick_every` adds it back for the one
+behaviour that is timed by it: --slow drop's grace once the disk refused the spill.)
 
 Tests drive the loop with `bench.run_until(predicate, what)`: it fails, with the state of
 every part, after TIMEOUT_S -- a broken data path fails rather than hangs.
@@ -562,6 +563,19 @@ class Bench:
             self.loop.run_until_complete(asyncio.wait_for(wait(), timeout))
         except asyncio.TimeoutError:
             raise AssertionError(f"no {what} within {timeout:g} s:\n{self.describe()}") from None
+
+    def tick_every(self, seconds: float = 1.0) -> None:
+        """Run the worker's periodic pass (Worker.check_pipes: every group's service, every
+        stream's on_kick) -- only for behaviour meant to wait for it: everywhere else its
+        absence is what makes a lost wake-up fail."""
+        def tick():
+            self.loop.call_later(seconds, tick)
+            for part in self.parts:
+                for group in list(part.groups.values()):
+                    group.guarded(group.service)
+                for stream in list(part.senders.values()):
+                    stream.on_kick()
+        self.loop.call_later(seconds, tick)
 
     def run_for(self, seconds: float) -> None:
         self.loop.run_until_complete(asyncio.sleep(seconds))
