@@ -188,6 +188,15 @@ def test_without_the_punch_the_same_stall_would_deliver_overwritten_bytes(make_b
 
 
 # -- 3. to the spill file and back ------------------------------------------------------------
+def fast_and_stalled(bench: Bench, sender, wire: bytes, workers=(1, 2), slow_version="1.1"):
+    """Two receivers, the second of which reads nothing yet; then the sender writes `wire`."""
+    fast = bench.receiver(2, worker=workers[0])
+    slow = bench.receiver(2, worker=workers[1], version=slow_version)
+    slow.stall()
+    sender.feed([wire])
+    return fast, slow
+
+
 def spill_flag(bench: Bench) -> int:
     return bench.arena.load(ring.SlotFields(bench.arena, 0).spill_active)
 
@@ -202,10 +211,7 @@ def test_a_receiver_stalled_past_half_the_window_moves_to_the_spill_file_and_get
     bench = make_bench(transmit=transmit)
     body = payload(4 * MIB)
     sender = bench.sender(2, length=len(body))
-    fast = bench.receiver(2, worker=workers[0])
-    slow = bench.receiver(2, worker=workers[1])
-    slow.stall()
-    sender.feed([body])
+    fast, slow = fast_and_stalled(bench, sender, body, workers)
     bench.run_until(lambda: fast.eof, "the fast receiver's end")
     assert fast.ended().ok and slow.ended() is None
     assert slow.receiver.in_file and spill_flag(bench) == 1
@@ -235,10 +241,7 @@ def test_an_http10_receiver_of_a_chunked_body_that_spills_gets_the_plain_body(
         body = first + b"".join(datas)
         wire = b"".join(map(chunk, datas)) + b"0\r\n\r\n"
         sender = bench.sender(2, with_head=chunk(first))
-    fast = bench.receiver(2, worker=1)
-    slow = bench.receiver(2, worker=2, version="1.0")
-    slow.stall()
-    sender.feed([wire])
+    fast, slow = fast_and_stalled(bench, sender, wire, slow_version="1.0")
     bench.run_until(lambda: fast.eof, "the fast receiver's end")
     assert slow.receiver.in_file and slow.receiver.deframe
 
@@ -385,10 +388,7 @@ def test_a_sender_that_resets_with_megabytes_unread_is_lost_at_once(make_bench):
 
 # -- 6. faults at the fd boundary -------------------------------------------------------------
 def stall_one_until_the_other_ends(bench: Bench, sender, body_wire: bytes):
-    fast = bench.receiver(2, worker=1)
-    slow = bench.receiver(2, worker=2)
-    slow.stall()
-    sender.feed([body_wire])
+    fast, slow = fast_and_stalled(bench, sender, body_wire)
     bench.run_until(lambda: fast.eof, "the fast receiver's end")
     assert slow.receiver.in_file
     slow.resume()
@@ -427,10 +427,7 @@ def test_a_full_disk_under_block_returns_file_readers_to_the_ring_and_loses_noth
     bench.spill_calls = disk = FullDisk(1 * MIB)
     body = payload(4 * MIB)
     sender = bench.sender(2, length=len(body))
-    fast = bench.receiver(2, worker=1)
-    slow = bench.receiver(2, worker=2)
-    slow.stall()
-    sender.feed([body])
+    fast, slow = fast_and_stalled(bench, sender, body)
     producer = bench.parts[0]
     bench.run_until(lambda: producer.counters.spill_failures and sender.stream.state
                     is SenderState.PAUSED and not fast.receiver.blocked
@@ -461,10 +458,7 @@ def test_a_file_reader_that_vanishes_while_a_full_disk_holds_the_producer_releas
     bench.spill_calls = FullDisk(1 * MIB)
     body = payload(4 * MIB)
     sender = bench.sender(2, length=len(body))
-    fast = bench.receiver(2, worker=1)
-    slow = bench.receiver(2, worker=2)
-    slow.stall()
-    sender.feed([body])
+    fast, slow = fast_and_stalled(bench, sender, body)
     bench.run_until(lambda: bench.parts[0].counters.spill_failures and sender.stream.state
                     is SenderState.PAUSED and fast.receiver.cursor == sender.stream.ring.published,
                     "the producer held after the spill failure")
@@ -486,10 +480,7 @@ def test_a_full_disk_under_drop_cuts_the_slowest_visibly_and_the_rest_complete(m
     bench.spill_calls = FullDisk(1 * MIB)
     body = payload(4 * MIB)
     sender = bench.sender(2, length=len(body), query=b"&slow=drop")
-    fast = bench.receiver(2, worker=1)
-    slow = bench.receiver(2, worker=2)
-    slow.stall()
-    sender.feed([body])
+    fast, slow = fast_and_stalled(bench, sender, body)
     bench.run_until(lambda: fast.eof and slow.ended() is not None, "the fast one's end and the cut")
     assert slow.ended().ok is False
     slow.resume()
@@ -525,10 +516,7 @@ def test_a_really_full_tmpfs_under_block_loses_nothing(full_tmpfs, make_bench):
     bench = make_bench(transmit="sendfile", spill_dir=str(full_tmpfs))
     body = payload(4 * MIB)
     sender = bench.sender(2, length=len(body))
-    fast = bench.receiver(2, worker=1)
-    slow = bench.receiver(2, worker=2)
-    slow.stall()
-    sender.feed([body])
+    fast, slow = fast_and_stalled(bench, sender, body)
     producer = bench.parts[0]
     bench.run_until(lambda: producer.counters.spill_failures
                     and sender.stream.state is SenderState.PAUSED, "the disk to fill")
