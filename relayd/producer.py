@@ -227,6 +227,12 @@ class SenderStream:
                 self.remaining -= got
                 if self.remaining == 0:
                     self.end()
+        if budget <= 0 and self.state is SenderState.READING:
+            # Bytes may still be queued. On a socket error (the sender reset) uvloop runs a
+            # reader once more and then drops it, so arm it again: else the rest of the body
+            # and the ECONNRESET behind it are never read.
+            self.loop.remove_reader(self.fd)
+            self.loop.add_reader(self.fd, self.on_readable)
         self.publish()
 
     def _parse(self, data: memoryview) -> None:
@@ -377,7 +383,10 @@ class SenderStream:
         f, a = self.ring.f, self.ring.arena
         self.ring.post_wake(self.ring.wake_mark(self.wake_space))
         if self.spill is not None:
-            a.store(f.file_wake_at, max(1, self.ring.tail + self.wake_space - self.plan.limit))
+            # Held for a stopped file, the ring frees only once no reader is left in it
+            # (NONE crosses every mark); a growing one, once the slowest is within the limit.
+            a.store(f.file_wake_at, ring.NONE if self.spill.state is Spill.STOPPED else
+                    max(1, self.ring.tail + self.wake_space - self.plan.limit))
         ring.fence()
         if self.writable(self.wake_space) >= self.wake_space:
             self.ring.post_wake(0)

@@ -404,8 +404,6 @@ class RingReader:
         self.published = 0
         self.published_file = NONE
         self.waiting = False
-        self.last_kicked_wake = 0
-        self.last_kicked_file_wake = 0
 
     def state_and_tail(self) -> tuple[int, int]:
         """State first: DONE seen implies the final tail is seen too."""
@@ -449,6 +447,7 @@ class RingReader:
         if lowest == self.published and lowest_file == self.published_file:
             return False
         a, f = self.arena, self.f
+        before, before_file = self.published, self.published_file
         # A receiver moving between ring and file must never be missing from both as the
         # producer loads one field, then the other: store first the field that gains it
         # (the one whose lowest position drops), then the one that loses it (x86 keeps
@@ -461,13 +460,14 @@ class RingReader:
             a.store(f.cursor(self.me), lowest)
         self.published, self.published_file = lowest, lowest_file
         fence()
+        # Kick when a cursor crosses a mark (NONE, no reader left, is past every mark). Not
+        # "once per mark value": a producer woken by one worker but still held by another
+        # posts the same mark again, and a worker that kicked for it already (say while its
+        # readers were all on the spill file) must kick again when a reader of its crosses
+        # it; a worker already past the mark is not the one the producer waits for.
         wake_at = a.load(f.wake_at)
-        if wake_at and lowest >= wake_at and wake_at != self.last_kicked_wake:
-            self.last_kicked_wake = wake_at
-            self.kick(self.producer)
         file_wake_at = a.load(f.file_wake_at)
-        if (file_wake_at and lowest_file >= file_wake_at
-                and file_wake_at != self.last_kicked_file_wake):
-            self.last_kicked_file_wake = file_wake_at
+        if (wake_at and before < wake_at <= lowest) or \
+                (file_wake_at and before_file < file_wake_at <= lowest_file):
             self.kick(self.producer)
         return True

@@ -49,51 +49,71 @@ def test_ring_write_wraps_at_the_end_and_punch_zeroes_whole_pages(arena):
     assert bytes(arena.view[base + cap - 5:base + cap]) == b"01234"
 
 
-def _wait(arena, efd, field, target, flag):
-    """Sleep protocol of streaming.py: flag, fence, re-check, sleep on the eventfd."""
-    while arena.load(field) < target:
-        arena.store(flag, 1)
-        ring.fence()
-        if arena.load(field) >= target:
-            arena.store(flag, 0)
-            break
-        ready, _, _ = select.select([efd], [], [], 5.0)
-        if not ready:
-            return False                     # a lost wake-up: nobody will kick us again
-        os.eventfd_read(efd)
-        arena.store(flag, 0)
+def _consume_until(reader: ring.RingReader, efd: int, target: int) -> bool:
+    """A receiver worker waiting for tail >= target, by ReceiverGroup's protocol: read state
+    and tail; caught up -> sleep_flag(True) (store, fence), re-check with moved(); sleep on
+    the eventfd only if nothing moved; on a kick clear the flag and look again. False: a
+    lost wake-up (nobody kicked within 5 s)."""
+    state, tail = reader.state_and_tail()
+    while tail < target:
+        reader.sleep_flag(True)
+        if not reader.moved(tail, state):
+            ready, _, _ = select.select([efd], [], [], 5.0)
+            if not ready:
+                return False
+            os.eventfd_read(efd)
+        reader.sleep_flag(False)
+        state, tail = reader.state_and_tail()
     return True
 
 
-def _publish(arena, efd, field, value, flag):
-    arena.store(field, value)
-    ring.fence()
-    if arena.load(flag):
-        os.eventfd_write(efd, 1)
+def _produce_until(writer: ring.RingWriter, efd: int, target: int) -> bool:
+    """The producer waiting for the lowest cursor >= target, by SenderStream.pause's protocol:
+    post wake_at, fence, re-check the cursors (refresh); sleep on the eventfd only if they
+    are still short; on a kick look again, and clear the mark once through."""
+    while True:
+        writer.post_wake(target)
+        ring.fence()
+        if writer.refresh() >= target:
+            writer.post_wake(0)
+            return True
+        ready, _, _ = select.select([efd], [], [], 5.0)
+        if not ready:
+            return False
+        os.eventfd_read(efd)
 
 
 def test_ping_pong_between_processes_loses_no_wake_up(arena):
-    """Producer publishes tail, consumer answers with its cursor, each sleeping on an eventfd
-    when it has nothing to do: without the fence, x86 lets a store and the following load
-    pass each other and a kick is lost (the probe in DESIGN.md lost 1-446 per million)."""
+    """Producer publishes tail (RingWriter.publish: store, fence, kick a waiting worker),
+    consumer answers with its cursor (RingReader.publish: store, fence, kick the producer at
+    its mark), each sleeping on its eventfd when it has nothing to do: without the fences,
+    x86 lets a store and the following load pass each other and a kick is lost (the probe
+    in DESIGN.md lost 1-446 per million)."""
+    producer, consumer = 0, 1
     f = ring.SlotFields(arena, 0)
-    to_consumer = os.eventfd(0, os.EFD_NONBLOCK)
-    to_producer = os.eventfd(0, os.EFD_NONBLOCK)
+    f.reset(arena, producer, [consumer], gen=1)
+    efds = [os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)]
+    kick = lambda w: os.eventfd_write(efds[w], 1)  # noqa: E731
     pid = os.fork()
     if pid == 0:
+        reader = ring.RingReader(arena, 0, consumer, kick)
         ok = True
         for i in range(1, ROUNDS + 1):
-            if not _wait(arena, to_consumer, f.tail, i, f.waiting(1)):
+            if not _consume_until(reader, efds[consumer], i):
                 ok = False
                 break
-            _publish(arena, to_producer, f.cursor(1), i, f.wake_at)
+            reader.publish(i, ring.NONE)
         os._exit(0 if ok else 1)
+    writer = ring.RingWriter(arena, 0, [consumer], sendfile=False,
+                             punch_block=arena.capacity // 2, kick=kick)
     lost = 0
     for i in range(1, ROUNDS + 1):
-        _publish(arena, to_consumer, f.tail, i, f.waiting(1))
-        if not _wait(arena, to_producer, f.cursor(1), i, f.wake_at):
+        writer.publish(i)
+        if not _produce_until(writer, efds[producer], i):
             lost += 1
             break
     _, status = os.waitpid(pid, 0)
     assert lost == 0 and os.waitstatus_to_exitcode(status) == 0
-    assert arena.load(f.cursor(1)) == ROUNDS
+    assert arena.load(f.cursor(consumer)) == ROUNDS
+    for efd in efds:
+        os.close(efd)
