@@ -110,6 +110,7 @@ class ReceiverGroup:
         self.spill_gone = False         # the file vanished before we opened it: ring only
         self.rotate = 0
         self.released = False
+        self.drop_timer = None          # --slow drop: a grace deadline being waited on
 
     def add(self, conn) -> Receiver:
         head, deframe = response_for(self.info, conn.version)
@@ -199,11 +200,24 @@ class ReceiverGroup:
             return
         growing = self.spill is not None and self.spill.growing()
         limit = self.limits.spill_limit
-        stuck = self.loop.time() - DROP_GRACE_S
-        for r in [r for r in self.receivers if r.cursor < drop_below and (
-                (r.in_file and r.blocked and tail - r.cursor >= limit) if growing
-                else (r.in_file or r.blocked) and r.progress_at <= stuck)]:
-            self._finish(r, ok=False)
+        now = self.loop.time()
+        waiting = []
+        for r in [r for r in self.receivers if r.cursor < drop_below]:
+            if growing:
+                if r.in_file and r.blocked and tail - r.cursor >= limit:
+                    self._finish(r, ok=False)
+            elif r.in_file or r.blocked:
+                if r.progress_at <= now - DROP_GRACE_S:
+                    self._finish(r, ok=False)
+                else:
+                    waiting.append(r.progress_at + DROP_GRACE_S)
+        if waiting and self.drop_timer is None:
+            # Look again when the first of them has had its grace: no tick needed.
+            self.drop_timer = self.loop.call_at(min(waiting), self._drop_check)
+
+    def _drop_check(self) -> None:
+        self.drop_timer = None
+        self.guarded(self.service)
 
     # -- sending ---------------------------------------------------------------------------
     def _send(self, r: Receiver, tail: int) -> None:
@@ -399,6 +413,9 @@ class ReceiverGroup:
         if self.released:
             return
         self.released = True
+        if self.drop_timer is not None:
+            self.drop_timer.cancel()
+            self.drop_timer = None
         for r in list(self.receivers):
             self._finish(r, ok=False)
         self.reader.sleep_flag(False)

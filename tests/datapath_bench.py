@@ -25,8 +25,8 @@ client read drains its socket.
 
 What the bench leaves out on purpose: the worker's once-a-second tick, which re-runs every
 pipe "so a lost wake-up costs a second". Here a lost wake-up hangs the transfer, and the
-test fails on its timeout instead of passing slowly. (`tick_every` adds it back for the one
-behaviour that is timed by it: --slow drop's grace once the disk refused the spill.)
+test fails on its timeout instead of passing slowly. (`tick_every` can add it back; no test
+needs it.)
 
 Tests drive the loop with `bench.run_until(predicate, what)`: it fails, with the state of
 every part, after TIMEOUT_S -- a broken data path fails rather than hangs.

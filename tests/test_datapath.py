@@ -171,22 +171,6 @@ def test_a_stalled_receiver_holds_the_producer_which_waits_instead_of_overwritin
     assert_transfer_ok(bench, 1)
 
 
-def test_without_the_punch_the_same_stall_would_deliver_overwritten_bytes(make_bench):
-    """The control for the test above: with MADV_REMOVE made a no-op, the sendfile'd pages the
-    producer rewrites are the ones the stalled client later reads -- so the stall above does
-    put the hazard in front of the punch rule."""
-    bench = make_bench(transmit="sendfile")
-    bench.arena.punch = lambda slot, offset, length: None
-    body = payload(3 * MIB)
-    stall_while_the_producer_laps(bench, body)
-    bench.peers[0].resume()
-    bench.run_until(bench.all_ended, "end of the transfer")
-    got = bench.peers[0].response().body
-    assert len(got) == len(body)
-    assert got[:4096] != body[:4096]
-    assert got[:4096] in (body[CAPACITY:CAPACITY + 4096], body[2 * CAPACITY:2 * CAPACITY + 4096])
-
-
 # -- 3. to the spill file and back ------------------------------------------------------------
 def fast_and_stalled(bench: Bench, sender, wire: bytes, workers=(1, 2), slow_version="1.1"):
     """Two receivers, the second of which reads nothing yet; then the sender writes `wire`."""
@@ -473,10 +457,9 @@ def test_a_file_reader_that_vanishes_while_a_full_disk_holds_the_producer_releas
 def test_a_full_disk_under_drop_cuts_the_slowest_visibly_and_the_rest_complete(make_bench):
     """?slow=drop: the same full disk cuts the stalled file reader (ReceiverEnded ok=False, a
     short Content-Length body) instead of holding everyone; the fast one gets every byte.
-    The cut comes once the reader's socket has not drained for DROP_GRACE_S, which only the
-    worker's periodic pass looks at again: the bench runs it here."""
+    The cut comes once the reader's socket has not drained for DROP_GRACE_S: the group sets
+    its own timer for that, no tick needed."""
     bench = make_bench(transmit="copy")
-    bench.tick_every(1.0)
     bench.spill_calls = FullDisk(1 * MIB)
     body = payload(4 * MIB)
     sender = bench.sender(2, length=len(body), query=b"&slow=drop")
