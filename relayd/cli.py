@@ -42,7 +42,9 @@ OPTIONS = [
     ("--max-transfers", "max_transfers", int,
      "pipes streaming at once: ring slots in the arena (503 beyond)"),
     ("--transmit", "transmit", str, "copy: send() from the ring; sendfile: zero-copy from the "
-                                    "memfd; auto: per pipe by n"),
+                                    "memfd; splice: n = 1 pipes move socket to socket in the "
+                                    "kernel (others as auto); auto: splice for n = 1, copy or "
+                                    "sendfile by n"),
     ("--sendfile-from-n", "sendfile_from_n", int,
      "with --transmit auto: pipes with n >= this use sendfile"),
     ("--max-connections", "max_connections", int, "connections per worker (503 beyond)"),

@@ -9,7 +9,7 @@ import dataclasses
 import os
 import tempfile
 
-TRANSMIT_MODES = ("auto", "copy", "sendfile")
+TRANSMIT_MODES = ("auto", "copy", "sendfile", "splice")
 SLOW_POLICIES = ("block", "drop")
 LOG_FORMATS = ("text", "json")
 PUNCH_BLOCK_BYTES = 256 * 1024          # B: the unit in which ring pages are punched
@@ -110,7 +110,11 @@ class Config:
         return self
 
     def transmit_for(self, n: int) -> str:
-        """The transmit strategy of a pipe with n receivers: 'copy' or 'sendfile'."""
-        if self.transmit != "auto":
+        """How a pipe with n receivers moves its bytes: 'splice' (n = 1, both sockets in the
+        sender's worker, no ring), or through the ring with 'copy' or 'sendfile'. auto and
+        splice splice every n = 1 pipe; copy and sendfile name the ring's mode for all."""
+        if self.transmit in ("copy", "sendfile"):
             return self.transmit
+        if n == 1:
+            return "splice"
         return "sendfile" if n >= self.sendfile_from_n else "copy"

@@ -436,6 +436,24 @@ class Connection:
             self.hooks.left(self)
         self.close()
 
+    def detach(self) -> int:
+        """Give the socket up (to pass it to another worker): this connection is over here,
+        its descriptor is the caller's to close."""
+        fd = self.fd
+        self._move(Move.closed)
+        self._cancel_timer()
+        try:
+            self.loop.remove_reader(fd)
+            self.loop.remove_writer(fd)
+        except (ValueError, OSError):
+            pass
+        self.hooks.closed(self)
+        self.sock.detach()
+        self.fd = -1
+        self.parser = None
+        self.stream = None
+        return fd
+
     def close(self, reset: bool = False) -> None:
         """Release everything; safe twice."""
         if self.phase is Phase.CLOSED:

@@ -12,6 +12,7 @@ by message type (`dispatch`).
 from __future__ import annotations
 
 import enum
+import os
 import pickle
 import socket
 from typing import Callable, NamedTuple
@@ -80,6 +81,15 @@ class SenderLost(NamedTuple):
     nbytes: int
 
 
+class Handed(NamedTuple):
+    """The receiver's socket (fd; -1 when it is gone), on its way to the sender's worker."""
+    conn: int
+    slot: int
+    gen: int
+    version: str
+    fd: int
+
+
 class Released(NamedTuple):
     slot: int
     gen: int
@@ -134,9 +144,39 @@ class AbortSender(NamedTuple):
     reason: str
 
 
+class StartSplice(NamedTuple):
+    """An n = 1 pipe: the sender's worker moves the body itself, socket to socket."""
+    conn: int                         # the sender
+    slot: int
+    gen: int
+    receiver: int | None              # the receiver's connection here, or None: it comes
+    info: SenderInfo                  # by AttachReceiver from the worker it landed on
+
+
+class HandOver(NamedTuple):
+    """To the receiver's worker: pass this receiver's socket to the sender's worker."""
+    conn: int
+    slot: int
+    gen: int
+
+
+class AttachReceiver(NamedTuple):
+    """To the sender's worker: the receiver's socket (fd), under a connection id of its own."""
+    slot: int
+    gen: int
+    conn: int
+    version: str
+    fd: int
+
+
 class Retire(NamedTuple):
     """Reload: a new generation listens; stop accepting and exit when idle."""
 
+
+# Messages whose `fd` travels as SCM_RIGHTS: the sending Channel passes its descriptor (and
+# closes its own copy once sent); the receiving Channel puts the new descriptor in `fd`.
+CARRIES_FD = (Handed, AttachReceiver)
+MAX_FDS = 250                     # SCM_MAX_FD is 253 per message
 
 Handlers = dict  # {message type: callable(message)}
 
@@ -178,8 +218,12 @@ class Channel:
             batch, self.pending = self.pending, []
             self.outbox += _frames(batch)
         while self.outbox and not self.broken:
+            data, fds = self.outbox[0]
             try:
-                self.sock.send(self.outbox[0])
+                if fds:
+                    socket.send_fds(self.sock, [data], fds)
+                else:
+                    self.sock.send(data)
             except (BlockingIOError, InterruptedError):
                 self.want_write(True)
                 return False
@@ -187,7 +231,10 @@ class Channel:
                 self.broken = True        # the other end is gone; its owner learns apart
                 break
             self.outbox.pop(0)
+            _close_all(fds)               # the kernel holds them for the other end now
         if self.broken:
+            for _, fds in self.outbox:
+                _close_all(fds)
             self.outbox.clear()
         self.want_write(False)
         return True
@@ -197,26 +244,47 @@ class Channel:
         messages: list = []
         for _ in range(most):
             try:
-                data = self.sock.recv(RECV_BYTES)
+                data, fds, _, _ = socket.recv_fds(self.sock, RECV_BYTES, MAX_FDS)
             except (BlockingIOError, InterruptedError):
                 return messages
             except OSError:
-                data = b""
+                data, fds = b"", []
             if not data:
+                _close_all(fds)
                 return messages or None
-            messages += pickle.loads(data)
+            batch = pickle.loads(data)
+            if fds:
+                received = iter(fds)
+                batch = [m._replace(fd=next(received)) if isinstance(m, CARRIES_FD)
+                         and m.fd >= 0 else m for m in batch]
+            messages += batch
         return messages
 
     def close(self) -> None:
+        for m in self.pending:
+            if isinstance(m, CARRIES_FD) and m.fd >= 0:
+                _close_all([m.fd])
         self.pending.clear()
+        for _, fds in self.outbox:
+            _close_all(fds)
         self.outbox.clear()
         self.sock.close()
 
 
-def _frames(batch: list) -> list[bytes]:
-    """The batch as datagrams of at most MAX_DATAGRAM bytes (halved until it fits)."""
+def _frames(batch: list) -> list[tuple[bytes, list[int]]]:
+    """The batch as datagrams of at most MAX_DATAGRAM bytes and MAX_FDS descriptors (halved
+    until it fits), each with the descriptors its messages carry, in order."""
     data = pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
-    if len(data) <= MAX_DATAGRAM or len(batch) == 1:
-        return [data]
+    fds = [m.fd for m in batch if isinstance(m, CARRIES_FD) and m.fd >= 0]
+    if (len(data) <= MAX_DATAGRAM and len(fds) <= MAX_FDS) or len(batch) == 1:
+        return [(data, fds)]
     half = len(batch) // 2
     return _frames(batch[:half]) + _frames(batch[half:])
+
+
+def _close_all(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

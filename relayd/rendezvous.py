@@ -19,6 +19,7 @@ from relayd.control import Outcome, SenderInfo
 from relayd.pipe import Event, Party, Pipe, PipeState
 
 Outbox = list  # [(worker index, message)]
+HANDED_ID0 = 1 << 48
 
 
 class SlotTable:
@@ -81,6 +82,9 @@ class Registry:
         self.transfers_done = 0
         self.transfers_aborted = 0
         self.outcomes: dict[Outcome, int] = {}
+        # Connection ids for receivers handed to another worker: far above any id a worker
+        # gives its own connections.
+        self.handed_ids = HANDED_ID0
 
     # -- rendezvous ------------------------------------------------------------------------
     def join(self, worker: int, conn: int, role: str, path: bytes, n: int,
@@ -125,7 +129,10 @@ class Registry:
     def _start(self, pipe: Pipe) -> Outbox:
         for party in [pipe.sender, *pipe.receivers]:
             self.waiting_party.pop(party, None)
-        receiver_workers = {w for w, _ in pipe.receivers}
+        pipe.transmit = self.config.transmit_for(pipe.n)
+        splice = pipe.transmit == "splice"
+        # A spliced pipe never touches its slot's ring: only the sender's worker holds it.
+        receiver_workers = set() if splice else {w for w, _ in pipe.receivers}
         assigned = self.slots.assign(pipe.sender[0], receiver_workers)
         if assigned is None:
             pipe.apply(Event.no_slot)
@@ -135,10 +142,11 @@ class Registry:
             return [(w, control.Rejected(c, 503, reason))
                     for w, c in [pipe.sender, *pipe.receivers]]
         pipe.slot, pipe.gen = assigned
-        pipe.transmit = self.config.transmit_for(pipe.n)
         pipe.started = time.monotonic()
         pipe.apply(Event.slot_assigned)
         self.transfers[assigned] = pipe
+        if splice:
+            return self._start_splice(pipe)
         out: Outbox = []
         by_worker: dict[int, list[int]] = {}
         for w, c in pipe.receivers:
@@ -150,6 +158,34 @@ class Registry:
         out.append((sw, control.StartSender(sc, pipe.slot, pipe.gen, pipe.transmit, pipe.n,
                                             sorted(by_worker))))
         return out
+
+    def _start_splice(self, pipe: Pipe) -> Outbox:
+        """n = 1: the sender's worker moves the body itself. A receiver on another worker is
+        handed over (its socket passed along); until it arrives it stays registered where it
+        landed, so that worker's death still resolves it."""
+        (sw, sc), (rw, rc) = pipe.sender, pipe.receivers[0]
+        local = rc if rw == sw else None
+        out: Outbox = [(sw, control.StartSplice(sc, pipe.slot, pipe.gen, local,
+                                                pipe.sender_info))]
+        if local is None:
+            out.append((rw, control.HandOver(rc, pipe.slot, pipe.gen)))
+        return out
+
+    def handed(self, worker: int, m: control.Handed) -> Outbox:
+        """A receiver's socket arrives from its worker: on to the sender's worker, under a
+        new party there. Gone (fd -1), or its pipe no longer streaming: the receiver is lost,
+        and a descriptor nobody takes is the caller's to close (no message carries it)."""
+        pipe = self.transfers.get((m.slot, m.gen))
+        party = (worker, m.conn)
+        if pipe is None or party not in pipe.receivers or party in pipe.resolved:
+            return []
+        if m.fd < 0 or pipe.state is not PipeState.STREAMING:
+            return self.receiver_ended(worker, m.slot, m.gen, m.conn, ok=False)
+        sw = pipe.sender[0]
+        self.handed_ids += 1
+        moved = (sw, self.handed_ids)
+        pipe.receivers[pipe.receivers.index(party)] = moved
+        return [(sw, control.AttachReceiver(m.slot, m.gen, moved[1], m.version, m.fd))]
 
     def leave(self, worker: int, conn: int) -> Outbox:
         """A waiting party disconnected: it no longer counts toward n."""

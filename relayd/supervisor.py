@@ -92,7 +92,7 @@ class Supervisor:
             control.Ready: self.on_ready, control.Join: self.on_join,
             control.Leave: self.on_leave, control.ReceiverEnded: self.on_receiver_ended,
             control.BodyEnded: self.on_body_ended, control.SenderLost: self.on_sender_lost,
-            control.Released: self.on_released,
+            control.Released: self.on_released, control.Handed: self.on_handed,
         }
 
     # -- setup -----------------------------------------------------------------------------
@@ -281,7 +281,9 @@ class Supervisor:
             self.worker_gone(handle)
             if self.stopping or handle.retiring:
                 if handle.retiring and not self.stopping:
-                    log(f"worker {handle.index} (pid {pid}) retired")
+                    log(f"worker {handle.index} (pid {pid}) retired" if code == 0 else
+                        f"worker {handle.index} (pid {pid}) of a retiring generation exited "
+                        f"with {code}; its transfers ended short")
                 continue
             log(f"worker {handle.index} (pid {pid}) exited with {code}; respawning")
             if code == EXIT_BOOT_FAILURE:
@@ -353,6 +355,8 @@ class Supervisor:
             handle = self.workers.get(index)
             if handle is not None:
                 handle.channel.send(message)
+            elif isinstance(message, control.CARRIES_FD) and message.fd >= 0:
+                os.close(message.fd)      # its worker is gone: so is the connection
 
     def flush_channels(self) -> None:
         """Everything a pass of the loop queued goes out, one datagram per worker."""
@@ -395,6 +399,12 @@ class Supervisor:
     def on_sender_lost(self, handle: WorkerHandle, m: control.SenderLost) -> None:
         self.send_all(self.registry.sender_lost(handle.index, m.slot, m.gen, m.outcome,
                                                 m.reason, m.nbytes))
+
+    def on_handed(self, handle: WorkerHandle, m: control.Handed) -> None:
+        out = self.registry.handed(handle.index, m)
+        if m.fd >= 0 and not any(isinstance(x, control.AttachReceiver) for _, x in out):
+            os.close(m.fd)                # nobody takes it: the receiver's connection ends
+        self.send_all(out)
 
     def on_released(self, handle: WorkerHandle, m: control.Released) -> None:
         self.registry.released(handle.index, m.slot, m.gen, m.role)

@@ -40,6 +40,8 @@ from relayd.http import HttpError, error_body, simple_response
 from relayd.producer import SenderHooks, SenderStream, SpillPlan
 from relayd.routing import PipeRequest, health_json, route
 from relayd.spill import SpillBudget
+from relayd.splice import SpliceHooks, SpliceStream
+from relayd.splice import Receiver as SplicedReceiver
 
 PR_SET_PDEATHSIG = 1
 ACCEPT_BATCH = 64
@@ -102,6 +104,8 @@ class Worker:
         self.conn_peak = 0
         self.senders: dict[int, SenderStream] = {}     # slot -> stream
         self.groups: dict[int, ReceiverGroup] = {}     # slot -> group
+        self.splices: dict[int, SpliceStream] = {}     # slot -> n = 1 stream
+        self.adopted = 0                # receivers' sockets handed over by other workers
         self.hangups = HangupWatch(self.on_sender_hangup)
         self.counters = stats.WorkerCounters()
         self.block = stats.WorkerBlock(arena, index)
@@ -115,7 +119,8 @@ class Worker:
             control.Progress: self.on_progress, control.StartSender: self.on_start_sender,
             control.StartReceivers: self.on_start_receivers,
             control.Finished: self.on_finished, control.AbortSender: self.on_abort_sender,
-            control.Retire: self.on_retire,
+            control.Retire: self.on_retire, control.StartSplice: self.on_start_splice,
+            control.HandOver: self.on_hand_over, control.AttachReceiver: self.on_attach_receiver,
         }
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -191,11 +196,12 @@ class Worker:
 
     def exit_when_idle(self) -> None:
         """Called whenever a connection or a stream goes: stop once nothing is left."""
-        if (self.retiring or self.draining) and not (self.senders or self.groups or self.conns):
+        if (self.retiring or self.draining) and not (self.senders or self.groups or self.conns
+                                                     or self.splices or self.adopted):
             self.loop.call_soon(self.loop.stop)
 
     def abort_all(self) -> None:
-        for stream in list(self.senders.values()):
+        for stream in [*self.senders.values(), *self.splices.values()]:
             stream.abort("the relay shut down before the body ended", control.Outcome.SHUTDOWN)
         for conn in list(self.conns.values()):
             conn.close(reset=True)
@@ -423,14 +429,84 @@ class Worker:
         if not group.receivers:
             group.close()
 
+    def on_start_splice(self, m: control.StartSplice) -> None:
+        """n = 1: this worker moves the body from the sender's socket to the receiver's."""
+        conn = self._party(m.conn)
+        if conn is None:
+            # It left as the rendezvous completed: the receiver gets nothing, visibly.
+            self.report(control.SenderLost(m.slot, m.gen, control.Outcome.SENDER_LOST,
+                                           "the sender left as the transfer started", 0))
+            self.report(control.Released(m.slot, m.gen, "sender"))
+            return
+        self.hangups.discard(conn)
+        conn.accepted()
+        conn.write_progress("[INFO] Start sending to 1 receiver(s)!\n")
+        stream = SpliceStream(
+            conn.sock, conn.body(), m.info, self.loop, m.slot, m.gen,
+            SpliceHooks(progress=conn.write_progress, close_sender=conn.close_gracefully,
+                        report=self.report, released=self.splice_released),
+            self.counters, conn.path)
+        conn.attach(stream)
+        self.splices[m.slot] = stream
+        if m.receiver is None:
+            return                       # its socket comes with AttachReceiver
+        receiver = self._party(m.receiver)
+        if receiver is None:
+            self.report(control.ReceiverEnded(m.slot, m.gen, m.receiver, False))
+            return
+        receiver.attach(stream)
+        stream.guarded(lambda: stream.attach(SplicedReceiver(
+            receiver.sock, receiver.id, receiver.version,
+            lambda reset: receiver.close(reset=reset))))
+
+    def on_hand_over(self, m: control.HandOver) -> None:
+        """Our receiver's pipe is spliced in the sender's worker: pass its socket there."""
+        conn = self._party(m.conn)
+        if conn is None:
+            self.report(control.Handed(m.conn, m.slot, m.gen, "1.1", -1))
+            return
+        version = conn.version
+        self.report(control.Handed(m.conn, m.slot, m.gen, version, conn.detach()))
+
+    def on_attach_receiver(self, m: control.AttachReceiver) -> None:
+        sock = socket.socket(fileno=m.fd)
+        stream = self.splices.get(m.slot)
+        if stream is None or stream.gen != m.gen:
+            sock.close()
+            self.report(control.ReceiverEnded(m.slot, m.gen, m.conn, False))
+            return
+        sock.setblocking(False)
+        self.adopted += 1
+
+        def close(reset: bool) -> None:
+            if reset:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01" + b"\0" * 7)
+                except OSError:
+                    pass
+            sock.close()
+            self.adopted -= 1
+            self.exit_when_idle()
+        stream.guarded(lambda: stream.attach(SplicedReceiver(sock, m.conn, m.version, close)))
+
+    def splice_released(self, stream: SpliceStream) -> None:
+        if self.splices.get(stream.slot) is stream:
+            del self.splices[stream.slot]
+            self.report(control.Released(stream.slot, stream.gen, "sender"))
+            self.exit_when_idle()
+
+    def _stream(self, slot: int, gen: int):
+        stream = self.senders.get(slot) or self.splices.get(slot)
+        return stream if stream is not None and stream.gen == gen else None
+
     def on_finished(self, m: control.Finished) -> None:
-        stream = self.senders.get(m.slot)
-        if stream is not None and stream.gen == m.gen:
+        stream = self._stream(m.slot, m.gen)
+        if stream is not None:
             stream.guarded(lambda: stream.finished(m.ok, m.lost))
 
     def on_abort_sender(self, m: control.AbortSender) -> None:
-        stream = self.senders.get(m.slot)
-        if stream is not None and stream.gen == m.gen:
+        stream = self._stream(m.slot, m.gen)
+        if stream is not None:
             stream.guarded(lambda: stream.receivers_gone(m.reason))
 
     def sender_released(self, stream: SenderStream) -> None:
@@ -477,9 +553,11 @@ class Worker:
 
     def gauges(self) -> stats.WorkerGauges:
         return stats.WorkerGauges(
-            connections=len(self.conns), pipes_active=len(self.senders) + len(self.groups),
-            senders_streaming=len(self.senders),
-            receivers_streaming=sum(len(g.receivers) for g in self.groups.values()),
+            connections=len(self.conns) + self.adopted,
+            pipes_active=len(self.senders) + len(self.groups) + len(self.splices),
+            senders_streaming=len(self.senders) + len(self.splices),
+            receivers_streaming=sum(len(g.receivers) for g in self.groups.values())
+            + sum(s.receiver is not None for s in self.splices.values()),
             max_lag=max((g.max_lag() for g in self.groups.values()), default=0),
             spill_bytes=self.spill_budget.mine)
 
@@ -515,3 +593,6 @@ class Worker:
         for stream in list(self.senders.values()):
             stream.guarded(lambda: stream.check_idle(now, c.sender_idle_timeout_s))
             stream.on_kick()
+        for splice in list(self.splices.values()):
+            splice.guarded(lambda: splice.check_timeouts(now, c.receiver_stall_timeout_s,
+                                                         c.sender_idle_timeout_s))

@@ -13,6 +13,7 @@ import pytest
 
 from relayd import ring
 from relayd.config import Config
+from relayd import control
 from relayd.control import Outcome
 from relayd.pipe import PipeState
 from relayd.rendezvous import Registry
@@ -55,7 +56,8 @@ class PlainRegistry(Registry):
     """The real Registry, its outboxes written as plain tuples: (message name, *fields)."""
 
     def _plain(self, outbox):
-        return [(w, (re.sub(r"(?<!^)([A-Z])", r"_\1", type(m).__name__).lower(), *m))
+        return [(w, m if type(m) is tuple else   # already plain (a nested call)
+                 (re.sub(r"(?<!^)([A-Z])", r"_\1", type(m).__name__).lower(), *m))
                 for w, m in outbox]
 
     def join(self, *args):
@@ -76,9 +78,13 @@ class PlainRegistry(Registry):
     def worker_died(self, *args):
         return self._plain(super().worker_died(*args))
 
+    def handed(self, *args):
+        return self._plain(super().handed(*args))
+
 
 def make_registry(arena, rec, **config) -> Registry:
     config.setdefault("workers", 1)          # worker_slots = 2, as the arena
+    config.setdefault("transmit", "copy")    # the ring's start (n = 1 would splice)
     return PlainRegistry(Config(**config), arena, rec.kick)
 
 
@@ -390,3 +396,39 @@ def test_expire_leaves_streaming_pipes_alone(arena, rec):
     start_transfer(registry, b"/streaming")
     assert registry.expire(time.monotonic() + 60) == []
     assert registry.pipes[b"/streaming"].state is PipeState.STREAMING
+
+
+# -- splice (n = 1) ----------------------------------------------------------------------------
+def test_an_n1_pipe_on_one_worker_starts_a_splice_there_and_touches_no_ring(arena, rec):
+    registry = make_registry(arena, rec, transmit="auto")
+    registry.join(0, 10, "receiver", b"/one", 1, RECEIVER_INFO)
+    out = registry.join(0, 11, "sender", b"/one", 1, SENDER_INFO)
+    (w, m), = out
+    assert w == 0 and m[0] == "start_splice" and m[1] == 11 and m[4] == 10
+    assert registry.slots.holders[m[2]] == {("sender", 0)}
+
+
+def test_an_n1_pipe_across_workers_hands_the_receiver_over_and_rehomes_it(arena, rec):
+    registry = make_registry(arena, rec, transmit="auto")
+    registry.join(1, 10, "receiver", b"/two", 1, RECEIVER_INFO)
+    out = dict(registry.join(0, 11, "sender", b"/two", 1, SENDER_INFO))
+    start, hand_over = out[0], out[1]
+    assert start[0] == "start_splice" and start[4] is None
+    assert hand_over[0] == "hand_over" and hand_over[1] == 10
+    slot, gen = start[2], start[3]
+    (w, attach), = registry.handed(1, control.Handed(10, slot, gen, "1.1", 7))
+    assert w == 0 and attach[0] == "attach_receiver" and attach[5] == 7
+    new_id = attach[3]
+    assert registry.pipes[b"/two"].receivers == [(0, new_id)]
+    # The receiver now lives in the sender's worker: its death resolves everything.
+    registry.worker_died(0)
+    assert b"/two" not in registry.pipes and registry.slots.in_use == 0
+
+
+def test_a_receiver_gone_before_its_hand_over_aborts_the_sender_visibly(arena, rec):
+    registry = make_registry(arena, rec, transmit="auto")
+    registry.join(1, 10, "receiver", b"/gone", 1, RECEIVER_INFO)
+    out = dict(registry.join(0, 11, "sender", b"/gone", 1, SENDER_INFO))
+    slot, gen = out[0][2], out[0][3]
+    (w, abort), = registry.handed(1, control.Handed(10, slot, gen, "1.1", -1))
+    assert w == 0 and abort[0] == "abort_sender" and "receivers left" in abort[3]
