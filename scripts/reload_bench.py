@@ -58,6 +58,7 @@ CHECKPOINT_BYTES = 256 << 10  # a receiver keeps its prefix digest at every such
 READ_BYTES = 256 << 10
 SAMPLE_S = 0.05               # psutil sampling of the supervisor's children
 HEALTH_EVERY_S = 0.5
+SETTLE_STABLE_S = 0.5         # settled means: unchanged this long
 
 
 # -- payload -------------------------------------------------------------------------------
@@ -328,6 +329,8 @@ class Watcher(threading.Thread):
         self.kids: set[int] = set()
         self.all_kids: set[int] = set()
         self.settled_at = 0.0        # last time the children dropped back to --workers
+        self.spawned: list[tuple[float, int]] = []    # (when, how many) new children appeared
+        self.history: list[tuple[float, list[int]]] = []    # (when, children) at each change
         self.health_ok = 0
         self.health_failed: list[str] = []
         self.last_health: dict = {}
@@ -340,6 +343,11 @@ class Watcher(threading.Thread):
             with self.lock:
                 if len(self.kids) > self.workers and len(kids) <= self.workers:
                     self.settled_at = now
+                if kids != self.kids:
+                    self.history.append((now, sorted(kids)))
+                new = kids - self.all_kids
+                if new and self.all_kids:
+                    self.spawned.append((now, len(new)))
                 self.kids = kids
                 self.all_kids |= kids
                 self.peak_children = max(self.peak_children, len(kids))
@@ -503,16 +511,37 @@ def parse_log(path: str) -> dict:
     }
 
 
+def reload_pending(log_path: str) -> bool:
+    """A SIGHUP is queued: its "reload queued" / "joins it" line came after the last
+    "SIGHUP: reloading workers" line. Between reaping the last worker of a retiring generation
+    and starting the queued reload, the supervisor has exactly --workers children: without
+    this, that instant looks settled."""
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        lines = [x for x in f.read().splitlines() if "SIGHUP" in x]
+    started = max((k for k, x in enumerate(lines) if "SIGHUP: reloading workers" in x),
+                  default=-1)
+    return any("reload queued" in x or "joins it" in x for x in lines[started + 1:])
+
+
 def wait_settled(relay, watcher, workers: int, timeout_s: float) -> tuple[bool, dict, set]:
+    """Settled: no reload queued, exactly --workers children, /health lists the same pids,
+    no pipe left, and all of it unchanged for SETTLE_STABLE_S."""
     deadline = time.monotonic() + timeout_s
-    h, kids = {}, set()
+    h, kids, since, last = {}, set(), 0.0, None
     while time.monotonic() < deadline:
         kids = children(relay.process.pid)
         h = watcher.poll_health()
         pids = {w.get("pid") for w in h.get("workers", [])}
+        now = time.monotonic()
         if (len(kids) == workers and h.get("workers_alive") == workers and pids == kids
-                and not h.get("pipes_waiting") and not h.get("pipes_streaming")):
-            return True, h, kids
+                and not h.get("pipes_waiting") and not h.get("pipes_streaming")
+                and not reload_pending(relay.log_path)):
+            if kids != last:
+                since, last = now, kids
+            elif now - since >= SETTLE_STABLE_S:
+                return True, h, kids
+        else:
+            last = None
         time.sleep(0.1)
     return False, h, kids
 
@@ -565,6 +594,8 @@ def main() -> int:
     ap.add_argument("--settle-timeout", type=float, default=60.0)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--keep", action="store_true", help="keep the work dir and relayd's log")
+    ap.add_argument("--verbose", action="store_true",
+                    help="also print the supervisor's children at every change")
     args = ap.parse_args()
     if args.quick:
         args.pipes, args.late_senders, args.late_receivers = 10, 2, 2
@@ -588,7 +619,8 @@ def main() -> int:
     relay = servers.RelaydServer(work, REPO, args.workers)
     print(f"starting: {relay.describe()}", flush=True)
     relay.start()
-    watcher = Watcher(relay.process.pid, relay.port, args.workers)
+    relay_pid = relay.process.pid
+    watcher = Watcher(relay_pid, relay.port, args.workers)
     watcher.start()
     try:
         cpu0 = relay_cpu_seconds(relay.process.pid)
@@ -645,6 +677,9 @@ def main() -> int:
                         f"pipes waiting/streaming {h.get('pipes_waiting')}/"
                         f"{h.get('pipes_streaming')}")
     failures += [f"log: {x[:500]}" for x in log["errors"] + log["crashed"]]
+    if settled and log["retired"] != log["started"] * args.workers:
+        failures.append(f"{log['started']} reloads started but {log['retired']} worker "
+                        f"retirements logged (expected {log['started'] * args.workers})")
     if fresh != "ok":
         failures.append(f"fresh transfer after the reloads: {fresh}")
     hups_logged = log["started"] + log["joined"] + log["ignored"]
@@ -673,7 +708,7 @@ def main() -> int:
         ("pipes waiting / streaming at the first SIGHUP",
          f"{figures.get('waiting_before_reloads')} / {figures.get('streaming_before_reloads')}"),
         ("SIGHUPs sent", f"{len(hups)} (at {', '.join(f'{t:g}' for t in times)} s"
-                         + (f"; the burst of {args.burst} within {burst_ms:.1f} ms" if burst_ms
+                         + (f"; the burst of {args.burst} within {burst_ms:.2f} ms" if burst_ms
                             is not None else "") + ")"),
         ("SIGHUPs logged by the supervisor", f"{hups_logged}"),
         ("reloads started / queued / joined a queued one",
@@ -682,6 +717,9 @@ def main() -> int:
         ("peak worker processes alive (psutil / /health)",
          f"{watcher.peak_children} / {watcher.peak_health_workers}"),
         ("worker processes seen in all", f"{len(watcher.all_kids)}"),
+        ("new workers appeared at (s after zero)",
+         ", ".join(f"{t - figures['zero']:.1f} (+{k})" for t, k in watcher.spawned) or "-"),
+        ("the last transfer ended at (s after zero)", f"{ended_at - figures['zero']:.1f}"),
         ("last retiring generation exited",
          f"{settled_at - ended_at:+.2f} s after the last transfer ended, "
          f"{settled_at - (hups[-1] if hups else figures['zero']):.1f} s after the last SIGHUP"),
@@ -707,6 +745,12 @@ def main() -> int:
     print()
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+    if args.verbose:
+        print(f"\nchildren of the supervisor (pid {relay_pid}) at every change:")
+        for t, kids_then in watcher.history:
+            print(f"  {t - figures['zero']:7.2f} s  {kids_then}")
+        print(f"settled: children {sorted(kids)}, /health workers "
+              f"{[(w.get('index'), w.get('pid')) for w in h.get('workers', [])]}")
     for x in log["transfers_other"][:10]:
         print(f"log: {x}")
     for x in watcher.health_failed[:5]:
