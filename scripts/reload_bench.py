@@ -37,6 +37,7 @@ import http.client
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -493,7 +494,19 @@ async def run_clients(args, pipes, payload, relay, watcher, figures) -> None:
         pipe.receivers.append(r)
 
 
-def parse_log(path: str) -> dict:
+def spans_generations(line: str, workers: int) -> bool:
+    """A transfer line whose sender and receivers sat on both halves of the worker indexes
+    (0..W-1 and W..2W-1): parties of two generations, matched across a reload."""
+    sender = re.search(r" sender=w(\d+)", line)
+    spread_ = re.search(r" workers=(\S*)", line)
+    if not sender or not spread_:
+        return False
+    indexes = {int(sender.group(1))} | {int(w.split(":")[0][1:])
+                                         for w in spread_.group(1).split(",") if w}
+    return any(i < workers for i in indexes) and any(i >= workers for i in indexes)
+
+
+def parse_log(path: str, workers: int) -> dict:
     with open(path, encoding="utf-8", errors="replace") as f:
         lines = f.read().splitlines()
     transfers = [x for x in lines if x.startswith("relayd: transfer ")]
@@ -508,6 +521,7 @@ def parse_log(path: str) -> dict:
                    or "Traceback" in x],
         "transfers_ok": sum(x.endswith("outcome=ok") for x in transfers),
         "transfers_other": [x for x in transfers if not x.endswith("outcome=ok")],
+        "cross_generation": sum(spans_generations(x, workers) for x in transfers),
     }
 
 
@@ -647,7 +661,7 @@ def main() -> int:
         watcher.halt.set()
         watcher.join(5)
         relay.stop()
-    log = parse_log(relay.log_path)
+    log = parse_log(relay.log_path, args.workers)
 
     # -- verdicts ----------------------------------------------------------------------
     for pipe in pipes:
@@ -730,6 +744,7 @@ def main() -> int:
         ("senders 'Sent successfully'", f"{senders_ok} / {len(pipes)}"),
         ("transfer log lines outcome=ok / other",
          f"{log['transfers_ok']} / {len(log['transfers_other'])}"),
+        ("transfers with parties in two generations (log)", f"{log['cross_generation']}"),
         ("/health polls during the run: answered / failed",
          f"{watcher.health_ok} / {len(watcher.health_failed)}"),
         ("supervisor alive; 'supervisor error' lines",
