@@ -95,6 +95,9 @@ class SnapshotCollector:
                          "Spill file writes the disk refused (ENOSPC, EIO): the pipe then "
                          "holds its producer (--slow block) or cuts its slowest (drop)",
                          "spill_write_failures", CounterMetricFamily)
+        yield per_worker("relayd_receivers_handed_over",
+                         "Receivers of n = 1 pipes whose socket this worker passed to the "
+                         "sender's worker (splice)", "handed_over", CounterMetricFamily)
         yield per_worker("relayd_senders_joined", "Senders that joined a pipe", "senders",
                          CounterMetricFamily)
         yield per_worker("relayd_receivers_joined", "Receivers that joined a pipe",

@@ -200,13 +200,14 @@ class SpliceStream:
     def _pump(self) -> None:
         """Move what can move now, in wire order; arm the events that will move the rest."""
         progressed = True
-        while progressed and self.state in (Splice.MOVING, Splice.ENDED):
+        while progressed and self.receiver is not None and \
+                self.state in (Splice.MOVING, Splice.ENDED):
             progressed = self._drain_out()
             if self.state is not Splice.MOVING or self.received_all:
                 continue
             progressed = self._fill() or progressed
         self._arm()
-        if self.state is Splice.ENDED and not self.out:
+        if self.state is Splice.ENDED and not self.out and self.receiver is not None:
             self._delivered()
 
     def _fill(self) -> bool:
@@ -385,7 +386,7 @@ class SpliceStream:
         """Send what is queued for the receiver, in order; True if anything went out."""
         moved = False
         r = self.receiver
-        while self.out:
+        while self.out and r is not None:
             item = self.out[0]
             try:
                 if isinstance(item, int):
@@ -420,9 +421,11 @@ class SpliceStream:
 
     def _arm(self) -> None:
         """Read the sender while the pipe has room; watch the receiver while it owes bytes."""
-        want_read = (self.state is Splice.MOVING and not self.received_all
+        # A receiver gone: nothing more is read; the supervisor ends the sender's part.
+        present = self.receiver is not None
+        want_read = (present and self.state is Splice.MOVING and not self.received_all
                      and self._has_room())
-        want_write = self.state in (Splice.MOVING, Splice.ENDED) and bool(self.out)
+        want_write = present and self.state in (Splice.MOVING, Splice.ENDED) and bool(self.out)
         if want_read != self.reading:
             self.reading = want_read
             if want_read:
@@ -462,6 +465,7 @@ class SpliceStream:
         r, self.receiver = self.receiver, None
         if r is None:
             return
+        self._stop_reading()
         self._unwatch(r)
         r.close(self.deframe)
         self.hooks.report(control.ReceiverEnded(self.slot, self.gen, r.id, False))
@@ -485,9 +489,9 @@ class SpliceStream:
         self.hooks.progress(f"[ERROR] {reason}\n", False)
         if self.receiver is not None:
             # What is queued and in the pipe is a prefix of the body; the end stays short.
-            self.out = collections.deque(x for x in self.out if isinstance(x, int) or x)
             self._drain_out()
             self.receiver_lost()
+        self.close()
 
     def _stop_reading(self) -> None:
         if self.reading:

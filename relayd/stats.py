@@ -22,7 +22,7 @@ from relayd.control import Outcome
 # A worker's block (ring.STATS_U64 u64), written only by that worker.
 STAT_PID, STAT_CONNECTIONS, STAT_SENDERS, STAT_RECEIVERS, STAT_BYTES_IN, STAT_BYTES_OUT, \
     STAT_HEARTBEAT_NS, STAT_PIPES_ACTIVE, STAT_RECEIVERS_STREAMING, STAT_SENDERS_STREAMING, \
-    STAT_MAX_LAG, STAT_SPILL_BYTES, STAT_SPILL_FAILURES = range(13)
+    STAT_MAX_LAG, STAT_SPILL_BYTES, STAT_SPILL_FAILURES, STAT_HANDED_OVER = range(14)
 STAT_REJECTED0 = 16              # then one counter per status in REJECTION_STATUSES
 REJECTION_STATUSES = (400, 401, 403, 404, 405, 408, 409, 413, 414, 417, 429, 431, 501, 503,
                       505, 0)    # 0: any other status
@@ -43,11 +43,11 @@ class WorkerCounters:
     """Counted locally on the data path, published to the worker's block."""
 
     __slots__ = ("bytes_in", "bytes_out", "senders", "receivers", "spill_failures",
-                 "rejections")
+                 "handed_over", "rejections")
 
     def __init__(self):
         self.bytes_in = self.bytes_out = self.senders = self.receivers = 0
-        self.spill_failures = 0
+        self.spill_failures = self.handed_over = 0
         self.rejections: dict[int, int] = {}
 
     def reject(self, status: int) -> None:
@@ -100,6 +100,7 @@ class WorkerBlock:
         self._store(STAT_BYTES_IN, counters.bytes_in)
         self._store(STAT_BYTES_OUT, counters.bytes_out)
         self._store(STAT_SPILL_FAILURES, counters.spill_failures)
+        self._store(STAT_HANDED_OVER, counters.handed_over)
         for k, status in enumerate(REJECTION_STATUSES):
             self._store(STAT_REJECTED0 + k, counters.rejections.get(status, 0))
         self._store(STAT_CONNECTIONS, gauges.connections)
@@ -173,6 +174,7 @@ class WorkerSnapshot:
     receiver_lag_max_bytes: int
     spill_bytes: int
     spill_write_failures: int
+    handed_over: int
     rejections: dict
 
 
@@ -208,6 +210,7 @@ def read(arena: ring.Arena) -> Snapshot:
             senders_streaming=stat(STAT_SENDERS_STREAMING),
             receiver_lag_max_bytes=stat(STAT_MAX_LAG), spill_bytes=stat(STAT_SPILL_BYTES),
             spill_write_failures=stat(STAT_SPILL_FAILURES),
+            handed_over=stat(STAT_HANDED_OVER),
             rejections={status: stat(STAT_REJECTED0 + k)
                         for k, status in enumerate(REJECTION_STATUSES)
                         if stat(STAT_REJECTED0 + k)}))

@@ -466,6 +466,7 @@ class Worker:
             self.report(control.Handed(m.conn, m.slot, m.gen, "1.1", -1))
             return
         version = conn.version
+        self.counters.handed_over += 1
         self.report(control.Handed(m.conn, m.slot, m.gen, version, conn.detach()))
 
     def on_attach_receiver(self, m: control.AttachReceiver) -> None:

@@ -1,0 +1,212 @@
+"""n = 1 pipes are spliced: both sockets in the sender's worker, the body moved by the kernel.
+
+The real daemon, real curl and raw sockets; every receiver's bytes compared with the
+sender's. With two workers a receiver often lands on the other worker: its socket is handed
+over (counted in /metrics), and everything the contract promises must hold the same.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import (CURL, SHORT_BODY, curl_receiver, curl_sender, parse_head, payload,
+                      raw_request, read_until_closed, sha256_file, transfer_logs, wait_all,
+                      wait_for)
+
+MIB = 1 << 20
+
+
+def metric(relay, name: str) -> float:
+    text = subprocess.run([CURL, "-s", relay.url + "/metrics"], capture_output=True,
+                          text=True, timeout=30).stdout
+    return sum(float(v) for v in re.findall(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M))
+
+
+def spliced_paths(relay) -> set[str]:
+    return {p for p, log in transfer_logs(relay).items()
+            if re.search(rf"path='{re.escape(p)}'.*transmit=splice", relay.stderr_text())}
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_n1_pipes_are_spliced_and_every_receiver_gets_the_senders_bytes(
+        start_relay, tmp_path, framing):
+    relay = start_relay(workers=2)
+    src = payload(tmp_path, 3 * MIB + 12345, seed=3)
+    for i in range(12):
+        out = tmp_path / f"out-{i}"
+        url = f"{relay.url}/splice-{framing}-{i}"
+        if i % 2:      # both arrival orders
+            receiver = curl_receiver(url, out)
+            time.sleep(0.05)
+            sender = (curl_sender(url, src) if framing == "content-length"
+                      else curl_sender(url, None, stdin=open(src, "rb")))
+        else:
+            sender = (curl_sender(url, src) if framing == "content-length"
+                      else curl_sender(url, None, stdin=open(src, "rb")))
+            time.sleep(0.05)
+            receiver = curl_receiver(url, out)
+        assert wait_all([sender, receiver]) == [0, 0]
+        assert sha256_file(out) == sha256_file(src)
+        assert b"Sent successfully to 1 receiver(s)" in sender.stdout.read()
+    logs = relay.stderr_text()
+    assert logs.count("transmit=splice") == 12, logs
+    # Twelve pipes on two workers: some receivers landed on the other worker than their
+    # sender (each worker publishes its counters within a second).
+    wait_for(lambda: metric(relay, "relayd_receivers_handed_over_total") >= 1, timeout=10,
+             what="a receiver handed over to its sender's worker")
+    assert relay.wait_idle()["slots_in_use"] == 0
+
+
+def test_a_chunked_body_partly_read_with_its_head_is_relayed_whole(start_relay):
+    """The head and the first chunks in one write: httptools has begun the body, so the
+    splice stream relays the rest through the parser."""
+    relay = start_relay(workers=1)
+    body = random.Random(5).randbytes(300_000)
+    chunks = [body[i:i + 7000] for i in range(0, len(body), 7000)]
+    wire = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\nX-T: 1\r\n\r\n"
+    receiver = raw_request(relay.port, b"GET /partly HTTP/1.1\r\nHost: r\r\n\r\n")
+    wait_for(lambda: relay.health()["pipes_waiting"] == 1, what="the receiver waiting")
+    sender = raw_request(relay.port, b"PUT /partly HTTP/1.1\r\nHost: r\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n" + wire[:20000])
+    sender.sendall(wire[20000:])
+    data, closed = read_until_closed(receiver, timeout=30)
+    status, headers, raw = parse_head(data)
+    assert closed and status == 200 and headers["transfer-encoding"] == "chunked"
+    assert dechunk(raw) == (body, True)
+    assert b"Sent successfully" in read_until_closed(sender, timeout=30)[0]
+
+
+@pytest.mark.parametrize("parsed", [False, True], ids=["passed-through", "parsed"])
+def test_an_http10_receiver_of_a_spliced_chunked_body_gets_the_plain_body(start_relay, parsed):
+    relay = start_relay(workers=2)
+    body = random.Random(7).randbytes(900_000)
+    wire = b"".join(b"%x\r\n%s\r\n" % (len(c), c)
+                    for c in (body[i:i + 65536] for i in range(0, len(body), 65536)))
+    wire += b"0\r\n\r\n"
+    receiver = raw_request(relay.port, b"GET /h10 HTTP/1.0\r\n\r\n")
+    wait_for(lambda: relay.health()["pipes_waiting"] == 1, what="the receiver waiting")
+    head = b"PUT /h10 HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\n\r\n"
+    if parsed:
+        sender = raw_request(relay.port, head + wire)
+    else:
+        sender = raw_request(relay.port, head)
+        time.sleep(0.2)        # the head alone first: the body passes through
+        sender.sendall(wire)
+    data, closed = read_until_closed(receiver, timeout=30)
+    status, headers, got = parse_head(data)
+    assert closed and status == 200 and "transfer-encoding" not in headers
+    assert got == body
+    assert b"Sent successfully" in read_until_closed(sender, timeout=30)[0]
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_sender_that_dies_mid_body_leaves_its_spliced_receiver_visibly_short(
+        start_relay, tmp_path, framing):
+    relay = start_relay(workers=2)
+    data = random.Random(9).randbytes(2 * MIB)
+    out = tmp_path / "short.out"
+    receiver = curl_receiver(f"{relay.url}/dies", out, "--no-buffer")   # every byte on disk
+    wait_for(lambda: relay.health()["pipes_waiting"] == 1, what="the receiver waiting")
+    head = b"PUT /dies HTTP/1.1\r\nHost: r\r\n" + (
+        b"Content-Length: %d\r\n\r\n" % len(data) if framing == "content-length"
+        else b"Transfer-Encoding: chunked\r\n\r\n")
+    s = raw_request(relay.port, head)
+    wire = data[:MIB] if framing == "content-length" else b"%x\r\n%s\r\n" % (MIB, data[:MIB])
+    s.sendall(wire)
+    wait_for(lambda: out.exists() and out.stat().st_size >= MIB, timeout=30,
+             what="the first MiB at the receiver")
+    s.close()
+    code, = wait_all([receiver])
+    assert code in SHORT_BODY
+    assert out.read_bytes() == data[:MIB]
+    wait_for(lambda: "outcome=aborted" in relay.stderr_text(), what="the aborted transfer")
+    assert relay.wait_idle()["slots_in_use"] == 0
+
+
+def test_a_spliced_receiver_that_leaves_mid_body_ends_the_sender_with_an_error(start_relay):
+    relay = start_relay(workers=2)
+    receiver = raw_request(relay.port, b"GET /leaves HTTP/1.1\r\nHost: r\r\n\r\n")
+    wait_for(lambda: relay.health()["pipes_waiting"] == 1, what="the receiver waiting")
+    sender = raw_request(relay.port, b"PUT /leaves HTTP/1.1\r\nHost: r\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+    sender.sendall(b"%x\r\n%s\r\n" % (65536, b"x" * 65536))
+    got = b""
+    while len(got) < 65536:
+        got += receiver.recv(65536)
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01" + b"\0" * 7)
+    receiver.close()                            # a reset, mid-body
+
+    def feed():
+        try:
+            for _ in range(200):
+                sender.sendall(b"%x\r\n%s\r\n" % (65536, b"y" * 65536))
+        except OSError:
+            pass
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    answer, closed = read_until_closed(sender, timeout=30)
+    assert closed and b"[ERROR] all receivers left" in answer, answer[-300:]
+    feeder.join(30)
+    assert relay.wait_idle()["slots_in_use"] == 0
+
+
+def test_a_malformed_chunk_mid_body_ends_the_spliced_receiver_short(start_relay):
+    relay = start_relay(workers=1)
+    receiver = raw_request(relay.port, b"GET /bad HTTP/1.1\r\nHost: r\r\n\r\n")
+    wait_for(lambda: relay.health()["pipes_waiting"] == 1, what="the receiver waiting")
+    sender = raw_request(relay.port, b"PUT /bad HTTP/1.1\r\nHost: r\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+    time.sleep(0.2)
+    sender.sendall(b"5\r\nhello\r\nzz\r\nworld\r\n0\r\n\r\n")
+    data, closed = read_until_closed(receiver, timeout=30)
+    status, _, raw = parse_head(data)
+    assert closed and status == 200
+    assert dechunk(raw) == (b"hello", False)          # the good chunk, then no terminator
+    assert b"malformed" in read_until_closed(sender, timeout=30)[0]
+
+
+def dechunk(raw: bytes) -> tuple[bytes, bool]:
+    """(body, whether the terminating chunk arrived) of a chunked response body."""
+    body, i = b"", 0
+    while True:
+        nl = raw.find(b"\r\n", i)
+        if nl < 0:
+            return body, False
+        size = int(raw[i:nl].split(b";")[0], 16)
+        if size == 0:
+            return body, raw[nl + 2:nl + 4] == b"\r\n" or raw[nl + 2:].find(b"\r\n\r\n") >= 0
+        body += raw[nl + 2:nl + 2 + size]
+        if len(raw) < nl + 2 + size + 2:
+            return body, False
+        i = nl + 2 + size + 2
+
+
+def test_the_sha_of_a_spliced_body_is_independent_of_how_the_sender_writes_it(start_relay):
+    """Odd write sizes, one byte at a time at the start: framing never leaks into data."""
+    relay = start_relay(workers=2)
+    body = random.Random(11).randbytes(200_000)
+    wire = b"".join(b"%x\r\n%s\r\n" % (len(c), c)
+                    for c in (body[i:i + 777] for i in range(0, len(body), 777))) + b"0\r\n\r\n"
+    receiver = raw_request(relay.port, b"GET /odd HTTP/1.1\r\nHost: r\r\n\r\n")
+    wait_for(lambda: relay.health()["pipes_waiting"] == 1, what="the receiver waiting")
+    sender = raw_request(relay.port, b"PUT /odd HTTP/1.1\r\nHost: r\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+    time.sleep(0.2)
+    for b in wire[:300]:
+        sender.sendall(bytes([b]))
+    pos = 300
+    rng = random.Random(1)
+    while pos < len(wire):
+        step = rng.randint(1, 5000)
+        sender.sendall(wire[pos:pos + step])
+        pos += step
+    data, closed = read_until_closed(receiver, timeout=30)
+    got, ended = dechunk(parse_head(data)[2])
+    assert closed and ended and hashlib.sha256(got).digest() == hashlib.sha256(body).digest()
