@@ -3,9 +3,10 @@ them. No I/O (after h11's _state.py: rules first, transitions as tables, fixed p
 
 Rules:
 - A pipe is born WAITING when its first party arrives. It never goes back to WAITING once a
-  transfer started.
+  transfer started (only from MATCHED, when a party of a pipe still waiting for a slot leaves).
 - MATCHED: the sender and all n receivers are present (`all_joined`); the registry gives it a
-  ring slot (`slot_assigned`: STREAMING) or, finding none, closes it (`no_slot`).
+  ring slot (`slot_assigned`: STREAMING), or it waits in line for one -- a party leaving
+  meanwhile makes it WAITING again, the rendezvous timeout closes it.
 - DRAINING: the sender's body ended cleanly; receivers finish at their own pace.
 - ABORTED: the body will not complete (sender lost); it reaches every receiver as a short body.
 - CLOSED: the registry forgets the path (it is free for a new pipe). The ring slot may outlive
@@ -59,7 +60,8 @@ TRANSITIONS: dict[PipeState, dict[Event, PipeState]] = {
     S.WAITING: {E.sender_joined: S.WAITING, E.receiver_joined: S.WAITING,
                 E.party_left: S.WAITING, E.wait_timed_out: S.CLOSED,
                 E.all_joined: S.MATCHED, E.last_party_left: S.CLOSED},
-    S.MATCHED: {E.slot_assigned: S.STREAMING, E.no_slot: S.CLOSED},
+    S.MATCHED: {E.slot_assigned: S.STREAMING, E.no_slot: S.CLOSED,
+                E.party_left: S.WAITING, E.wait_timed_out: S.CLOSED},
     S.STREAMING: {E.receiver_done: S.STREAMING, E.receiver_lost: S.STREAMING,
                   E.body_ended: S.DRAINING, E.sender_lost: S.ABORTED,
                   E.last_receiver_lost: S.CLOSED},

@@ -4,9 +4,14 @@ Workers report connection events (join, leave, a receiver's end, the body's end,
 every method here returns the messages to send as a list of (worker index, message). The
 registry never does I/O itself, apart from initialising and punching ring slots in the arena,
 so a transfer's start cannot race a producer past a receiver that has not published a cursor
-(DESIGN §3: the slot is initialised before any start message is sent). What happens to a
-pipe follows from its state machine (pipe.py): the registry applies a fact, lets the pipe
-settle, and acts on where it landed.
+(the slot is initialised before any start message is sent). What happens to a pipe follows
+from its state machine (pipe.py): the registry applies a fact, lets the pipe settle, and acts
+on where it landed.
+
+A complete pipe that finds every ring slot busy waits for one, first come first served
+(MATCHED), bounded like any rendezvous by --rendezvous-timeout and --max-pipes; a pipe of
+n = 1 is spliced and needs no ring slot at all. Every supervisor loop pass reads the oldest
+waiting pipe and the counts, so the book keeps them in order rather than scanning.
 """
 from __future__ import annotations
 
@@ -77,14 +82,17 @@ class Registry:
         self.kick = kick
         self.slots = SlotTable(arena)
         self.pipes: dict[bytes, Pipe] = {}
+        self.rendezvous: dict[bytes, Pipe] = {}     # WAITING or MATCHED, oldest first
+        self.slot_queue: dict[bytes, Pipe] = {}     # MATCHED, waiting for a slot, FIFO
         self.waiting_party: dict[Party, Pipe] = {}
         self.transfers: dict[tuple[int, int], Pipe] = {}
         self.transfers_done = 0
         self.transfers_aborted = 0
         self.outcomes: dict[Outcome, int] = {}
         # Connection ids for receivers handed to another worker: far above any id a worker
-        # gives its own connections.
+        # gives its own connections. Spliced transfers are keyed above every ring slot.
         self.handed_ids = HANDED_ID0
+        self.splice_ids = arena.slots
 
     # -- rendezvous ------------------------------------------------------------------------
     def join(self, worker: int, conn: int, role: str, path: bytes, n: int,
@@ -96,16 +104,17 @@ class Registry:
                 return [(worker, control.Rejected(
                     conn, 503, f"the relay holds its limit of {self.config.max_pipes} pipes; "
                                "retry later"))]
-            pipe = self.pipes[path] = Pipe(path, n)
+            pipe = self.pipes[path] = self.rendezvous[path] = Pipe(path, n)
         refusal = self._refusal(pipe, role, n)
         if refusal:
             if not pipe.receivers and pipe.sender is None:
-                del self.pipes[path]
+                self._forget(pipe)
             return [(worker, control.Rejected(conn, *refusal))]
         self.waiting_party[party] = pipe
         pipe.join(party, role, info)
         if pipe.state is PipeState.MATCHED:
-            return self._start(pipe)
+            # Started -- or in line for a slot, which the sender hears as "n of n connected".
+            return self._start(pipe) or self._progress(pipe)
         return self._progress(pipe)
 
     @staticmethod
@@ -126,26 +135,36 @@ class Registry:
         w, conn = pipe.sender
         return [(w, control.Progress(conn, len(pipe.receivers), pipe.n))]
 
+    def _forget(self, pipe: Pipe) -> None:
+        """The path is free again."""
+        if self.pipes.get(pipe.path) is pipe:
+            del self.pipes[pipe.path]
+        if self.rendezvous.get(pipe.path) is pipe:
+            del self.rendezvous[pipe.path]
+        if self.slot_queue.get(pipe.path) is pipe:
+            del self.slot_queue[pipe.path]
+
     def _start(self, pipe: Pipe) -> Outbox:
+        """Everyone is here: a slot and the start messages, or the queue for a slot."""
+        pipe.transmit = self.config.transmit_for(pipe.n)
+        if pipe.transmit == "splice":
+            # A spliced pipe never touches a ring: its key lies above every slot.
+            self.splice_ids += 1
+            assigned = (self.splice_ids, 1)
+        else:
+            assigned = self.slots.assign(pipe.sender[0], {w for w, _ in pipe.receivers})
+            if assigned is None:
+                self.slot_queue[pipe.path] = pipe   # first come, first served
+                return []
         for party in [pipe.sender, *pipe.receivers]:
             self.waiting_party.pop(party, None)
-        pipe.transmit = self.config.transmit_for(pipe.n)
-        splice = pipe.transmit == "splice"
-        # A spliced pipe never touches its slot's ring: only the sender's worker holds it.
-        receiver_workers = set() if splice else {w for w, _ in pipe.receivers}
-        assigned = self.slots.assign(pipe.sender[0], receiver_workers)
-        if assigned is None:
-            pipe.apply(Event.no_slot)
-            del self.pipes[pipe.path]
-            reason = (f"the relay is at its limit of {self.arena.slots} concurrent transfers; "
-                      "retry later")
-            return [(w, control.Rejected(c, 503, reason))
-                    for w, c in [pipe.sender, *pipe.receivers]]
+        del self.rendezvous[pipe.path]
+        self.slot_queue.pop(pipe.path, None)
         pipe.slot, pipe.gen = assigned
         pipe.started = time.monotonic()
         pipe.apply(Event.slot_assigned)
         self.transfers[assigned] = pipe
-        if splice:
+        if pipe.transmit == "splice":
             return self._start_splice(pipe)
         out: Outbox = []
         by_worker: dict[int, list[int]] = {}
@@ -157,6 +176,13 @@ class Registry:
         sw, sc = pipe.sender
         out.append((sw, control.StartSender(sc, pipe.slot, pipe.gen, pipe.transmit, pipe.n,
                                             sorted(by_worker))))
+        return out
+
+    def _start_queued(self) -> Outbox:
+        """Slots came free: start the pipes that waited longest for one."""
+        out: Outbox = []
+        while self.slot_queue and self.slots.free:
+            out += self._start(next(iter(self.slot_queue.values())))
         return out
 
     def _start_splice(self, pipe: Pipe) -> Outbox:
@@ -188,28 +214,35 @@ class Registry:
         return [(sw, control.AttachReceiver(m.slot, m.gen, moved[1], m.version, m.fd))]
 
     def leave(self, worker: int, conn: int) -> Outbox:
-        """A waiting party disconnected: it no longer counts toward n."""
+        """A waiting party disconnected: it no longer counts toward n (a pipe queued for a
+        slot waits for its parties again)."""
         party = (worker, conn)
         pipe = self.waiting_party.pop(party, None)
-        if pipe is None or pipe.state is not PipeState.WAITING:
+        if pipe is None or pipe.state not in (PipeState.WAITING, PipeState.MATCHED):
             return []      # already started: the worker resolves it through its start
+        self.slot_queue.pop(pipe.path, None)
         pipe.leave(party)
         if pipe.state is PipeState.CLOSED:
-            del self.pipes[pipe.path]
+            self._forget(pipe)
             return []
         return self._progress(pipe)
 
     def expire(self, now: float) -> Outbox:
-        """Close pipes that waited longer than the rendezvous timeout; tell their parties."""
+        """Close pipes that waited longer than the rendezvous timeout (for their parties or
+        for a slot); tell their parties. Oldest first: it stops at the first still young."""
         limit = self.config.rendezvous_timeout_s
         out: Outbox = []
-        for pipe in [p for p in self.pipes.values()
-                     if p.state is PipeState.WAITING and now - p.created > limit]:
+        while self.rendezvous:
+            pipe = next(iter(self.rendezvous.values()))
+            if now - pipe.created <= limit:
+                break
             pipe.apply(Event.wait_timed_out)
-            del self.pipes[pipe.path]
-            reason = (f"no complete rendezvous within {limit:g} s "
-                      f"({len(pipe.receivers)} of {pipe.n} receivers, "
-                      f"{'a' if pipe.sender else 'no'} sender)")
+            self._forget(pipe)
+            what = (f"{len(pipe.receivers)} of {pipe.n} receivers, "
+                    f"{'a' if pipe.sender else 'no'} sender")
+            if pipe.closed_from is PipeState.MATCHED:
+                what = "every transfer slot stayed busy"
+            reason = f"no complete rendezvous within {limit:g} s ({what})"
             for party in [pipe.sender, *pipe.receivers]:
                 if party is not None:
                     self.waiting_party.pop(party, None)
@@ -217,8 +250,9 @@ class Registry:
         return out
 
     def next_expiry(self) -> float | None:
-        waiting = [p.created for p in self.pipes.values() if p.state is PipeState.WAITING]
-        return min(waiting) + self.config.rendezvous_timeout_s if waiting else None
+        if not self.rendezvous:
+            return None
+        return next(iter(self.rendezvous.values())).created + self.config.rendezvous_timeout_s
 
     # -- transfer outcomes -----------------------------------------------------------------
     def receiver_ended(self, worker: int, slot: int, gen: int, conn: int, ok: bool) -> Outbox:
@@ -244,6 +278,9 @@ class Registry:
         pipe.body_bytes = max(pipe.body_bytes, nbytes)
         return self._settled(pipe, pipe.sender_lost(outcome, reason))
 
+    def _in_ring(self, pipe: Pipe) -> bool:
+        return pipe.slot < self.arena.slots
+
     def _settled(self, pipe: Pipe, fired: list[Event]) -> Outbox:
         """Act on where the pipe's counts took it: only a closed pipe needs anything."""
         if pipe.state is not PipeState.CLOSED:
@@ -251,8 +288,9 @@ class Registry:
         sw, _ = pipe.sender
         out: Outbox = []
         if pipe.closed_from is PipeState.STREAMING:          # last_receiver_lost
-            # The producer has not reported its count: log the bytes it published so far.
-            pipe.body_bytes = self.arena.load(ring.SlotFields(self.arena, pipe.slot).tail)
+            if self._in_ring(pipe):
+                # The producer has not reported its count: log the bytes published so far.
+                pipe.body_bytes = self.arena.load(ring.SlotFields(self.arena, pipe.slot).tail)
             out.append((sw, control.AbortSender(pipe.slot, pipe.gen, "all receivers left")))
             outcome, text = Outcome.RECEIVERS_LEFT, "aborted: all receivers left"
         elif pipe.closed_from is PipeState.DRAINING:
@@ -270,8 +308,7 @@ class Registry:
             self.transfers_done += 1
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         del self.transfers[(pipe.slot, pipe.gen)]
-        if self.pipes.get(pipe.path) is pipe:
-            del self.pipes[pipe.path]
+        self._forget(pipe)
         self._log_transfer(pipe, text)
         return out
 
@@ -286,8 +323,11 @@ class Registry:
                    workers=",".join(f"w{w}:{c}" for w, c in sorted(by_worker.items())),
                    outcome=outcome)
 
-    def released(self, worker: int, slot: int, gen: int, role: str | None = None) -> None:
-        self.slots.release(worker, slot, gen, role)
+    def released(self, worker: int, slot: int, gen: int, role: str | None = None) -> Outbox:
+        """A worker is done with a slot; a slot that came free starts a queued pipe."""
+        if slot >= self.arena.slots or not self.slots.release(worker, slot, gen, role):
+            return []
+        return self._start_queued()
 
     # -- faults ----------------------------------------------------------------------------
     def worker_died(self, worker: int) -> Outbox:
@@ -296,26 +336,30 @@ class Registry:
         for party in [p for p in self.waiting_party if p[0] == worker]:
             out += self.leave(*party)
         for (slot, gen), pipe in list(self.transfers.items()):
-            f = ring.SlotFields(self.arena, slot)
+            in_ring = self._in_ring(pipe)
+            f = ring.SlotFields(self.arena, slot) if in_ring else None
             if pipe.sender[0] == worker and pipe.state is PipeState.STREAMING:
-                if self.arena.load(f.state) == ring.STREAMING:
-                    self.arena.store(f.state, ring.ABORTED)
-                for w in {w for w, _ in pipe.receivers}:
-                    self.kick(w)
+                if in_ring:
+                    if self.arena.load(f.state) == ring.STREAMING:
+                        self.arena.store(f.state, ring.ABORTED)
+                    for w in {w for w, _ in pipe.receivers}:
+                        self.kick(w)
                 out += self.sender_lost(worker, slot, gen, Outcome.WORKER_DIED,
                                         "the sender's worker died")
             mine = [c for w, c in pipe.receivers if w == worker and (w, c) not in pipe.resolved]
-            if mine:
+            if mine and in_ring:
                 self.arena.store(f.cursor(worker), ring.NONE)
                 self.arena.store(f.file_cursor(worker), ring.NONE)
                 self.kick(pipe.sender[0])
             for conn in mine:
                 out += self.receiver_ended(worker, slot, gen, conn, ok=False)
+        freed = False
         for slot in [s for s, h in self.slots.holders.items() if any(w == worker for _, w in h)]:
-            self.slots.release(worker, slot, self.slots.gen[slot])
+            freed = self.slots.release(worker, slot, self.slots.gen[slot]) or freed
+        if freed:
+            out += self._start_queued()
         return [(w, m) for w, m in out if w != worker]
 
     def counts(self) -> tuple[int, int]:
-        """(pipes waiting, pipes streaming)."""
-        waiting = sum(1 for p in self.pipes.values() if p.state is PipeState.WAITING)
-        return waiting, len(self.transfers)
+        """(pipes waiting for their parties or a slot, transfers streaming)."""
+        return len(self.rendezvous), len(self.transfers)

@@ -407,7 +407,7 @@ class Supervisor:
         self.send_all(out)
 
     def on_released(self, handle: WorkerHandle, m: control.Released) -> None:
-        self.registry.released(handle.index, m.slot, m.gen, m.role)
+        self.send_all(self.registry.released(handle.index, m.slot, m.gen, m.role))
 
     def publish_stats(self) -> None:
         r = self.registry

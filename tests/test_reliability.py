@@ -30,7 +30,7 @@ import time
 import psutil
 import pytest
 
-from conftest import (MIB, SHORT_BODY, curl_receiver, curl_sender,
+from conftest import (MIB, SHORT_BODY, SlowTransfer, curl_receiver, curl_sender,
                       curl_transfer_works, health_retry, payload, raw_request, read_response,
                       read_until_closed, sha256_file, start_slow_transfer, transfer_logs,
                       wait_all, wait_for, waiting_count)
@@ -208,6 +208,26 @@ def test_a_sender_that_stalls_mid_body_is_aborted_and_receivers_end_short(start_
         relay.wait_idle()
     finally:
         sender.close()
+
+
+def test_more_complete_pipes_than_transfer_slots_wait_their_turn_and_all_complete(
+        start_relay, tmp_path):
+    """--max-transfers 2 and six complete pipes at once: none refused; the four that find no
+    ring slot wait in line (their senders told every receiver is connected) and stream as
+    slots come free; every receiver gets every byte."""
+    relay = start_relay("--max-transfers", "2", workers=2)
+    transfers = [SlowTransfer(relay, tmp_path, f"/in-line-{i}", 2, 600_000, pause_at=300_000,
+                              seed=i) for i in range(6)]
+    wait_for(lambda: (lambda h: h["pipes_streaming"] == 2 and h["pipes_waiting"] == 4)(
+        health_retry(relay)), timeout=30, what="two streaming, four in line")
+    for t in transfers:
+        t.release()
+    for t in transfers:
+        sender_code, codes = t.wait()
+        assert (sender_code, codes) == (0, [0, 0]), t.path
+        assert t.receiver_shas() == [t.sha] * 2
+    assert "503" not in relay.stderr_text()
+    assert relay.wait_idle()["slots_in_use"] == 0
 
 
 # -- many abandoned paths --------------------------------------------------------------------

@@ -81,6 +81,9 @@ class PlainRegistry(Registry):
     def handed(self, *args):
         return self._plain(super().handed(*args))
 
+    def released(self, *args):
+        return self._plain(super().released(*args))
+
 
 def make_registry(arena, rec, **config) -> Registry:
     config.setdefault("workers", 1)          # worker_slots = 2, as the arena
@@ -275,17 +278,68 @@ def test_leave_of_a_party_already_streaming_changes_nothing(registry):
 
 
 # -- slots ------------------------------------------------------------------------------------
-def test_no_free_slot_refuses_every_party_with_503(arena, registry):
-    start_transfer(registry, b"/s1", (0, 1), ((1, 2),))
-    start_transfer(registry, b"/s2", (0, 3), ((1, 4),))
+def fill_slots(registry):
+    """Both of the arena's slots busy with a transfer each; their (slot, gen)."""
+    return [start_transfer(registry, p, (0, s), ((1, s + 1),))[1]
+            for p, s in ((b"/s1", 1), (b"/s2", 3))]
+
+
+def test_a_complete_pipe_with_no_free_slot_waits_in_line_and_starts_when_one_is_freed(
+        arena, registry):
+    busy = fill_slots(registry)
     registry.join(1, 5, "receiver", b"/s3", 2, RECEIVER_INFO)
     registry.join(0, 6, "receiver", b"/s3", 2, RECEIVER_INFO)
     out = registry.join(1, 7, "sender", b"/s3", 2, SENDER_INFO)
-    assert sorted((w, m[:3]) for w, m in out) == [
-        (0, ("rejected", 6, 503)), (1, ("rejected", 5, 503)), (1, ("rejected", 7, 503))]
-    assert b"/s3" not in registry.pipes
+    assert out == [(1, ("progress", 7, 2, 2))]            # told: all here, no refusal
+    assert registry.pipes[b"/s3"].state is PipeState.MATCHED
+    assert registry.counts() == (1, 2)
+    # The first transfer ends; its slot starts the waiting pipe.
+    slot, gen = busy[0]
+    registry.body_ended(0, slot, gen, 5)
+    registry.receiver_ended(1, slot, gen, 2, ok=True)
+    assert registry.released(0, slot, gen, "sender") == []
+    out = registry.released(1, slot, gen, "receivers")
+    assert sorted(m[0] for _, m in out) == ["start_receivers", "start_receivers",
+                                            "start_sender"]
+    assert registry.pipes[b"/s3"].state is PipeState.STREAMING
     assert registry.counts() == (0, 2)
-    assert registry.slots.in_use == 2
+
+
+def test_pipes_waiting_for_a_slot_start_first_come_first_served(arena, registry):
+    busy = fill_slots(registry)                  # receivers (1, 2) and (1, 4)
+    for k, path in enumerate((b"/q1", b"/q2")):
+        registry.join(1, 10 + k, "receiver", path, 1, RECEIVER_INFO)
+        registry.join(0, 20 + k, "sender", path, 1, SENDER_INFO)
+    started = []
+    for (slot, gen), receiver in zip(busy, (2, 4)):
+        registry.sender_lost(0, slot, gen, Outcome.SENDER_LOST, "test")
+        registry.receiver_ended(1, slot, gen, receiver, ok=False)
+        registry.released(0, slot, gen, "sender")
+        started += [m[1] for _, m in registry.released(1, slot, gen, "receivers")
+                    if m[0] == "start_sender"]
+    assert started == [20, 21]
+
+
+def test_a_party_leaving_a_pipe_in_line_for_a_slot_makes_it_wait_for_its_parties_again(
+        arena, registry):
+    fill_slots(registry)
+    registry.join(1, 5, "receiver", b"/s3", 1, RECEIVER_INFO)
+    registry.join(1, 7, "sender", b"/s3", 1, SENDER_INFO)
+    assert registry.pipes[b"/s3"].state is PipeState.MATCHED
+    assert registry.leave(1, 5) == [(1, ("progress", 7, 0, 1))]
+    assert registry.pipes[b"/s3"].state is PipeState.WAITING
+    assert b"/s3" not in registry.slot_queue
+
+
+def test_a_pipe_in_line_for_a_slot_expires_with_the_rendezvous_timeout(arena, rec):
+    registry = make_registry(arena, rec, rendezvous_timeout_s=5)
+    fill_slots(registry)
+    registry.join(1, 5, "receiver", b"/s3", 1, RECEIVER_INFO)
+    registry.join(0, 7, "sender", b"/s3", 1, SENDER_INFO)
+    out = registry.expire(time.monotonic() + 6)
+    assert sorted((w, m[0], m[1]) for w, m in out) == [(0, "expired", 7), (1, "expired", 5)]
+    assert all("slot" in m[2] for _, m in out)
+    assert b"/s3" not in registry.pipes and not registry.slot_queue
 
 
 def test_released_by_every_holder_frees_the_slot(arena, registry, rec):
@@ -405,7 +459,7 @@ def test_an_n1_pipe_on_one_worker_starts_a_splice_there_and_touches_no_ring(aren
     out = registry.join(0, 11, "sender", b"/one", 1, SENDER_INFO)
     (w, m), = out
     assert w == 0 and m[0] == "start_splice" and m[1] == 11 and m[4] == 10
-    assert registry.slots.holders[m[2]] == {("sender", 0)}
+    assert m[2] >= arena.slots and registry.slots.in_use == 0
 
 
 def test_an_n1_pipe_across_workers_hands_the_receiver_over_and_rehomes_it(arena, rec):
