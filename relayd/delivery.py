@@ -304,6 +304,9 @@ class ReceiverGroup:
 
     def _block(self, r: Receiver) -> None:
         r.blocked = True
+        # Its socket is full from now: stall and --slow drop's grace count from here (a
+        # receiver that never blocked has been keeping up, however long ago it started).
+        r.progress_at = self.loop.time()
         self.loop.add_writer(r.fd, self._on_writable, r)
 
     def _on_writable(self, r: Receiver) -> None:
