@@ -35,7 +35,8 @@ from typing import Callable
 import httptools
 
 from relayd import control, logs
-from relayd.chunked import MAX_LINE, MAX_TRAILER, SIZE_LINE, TRAILER_LINE
+from relayd.chunked import (MAX_LINE, MAX_TRAILER, SIZE_LINE, TRAILER_LINE, ChunkScanner,
+                            MalformedChunk)
 from relayd.control import Outcome, SenderInfo
 from relayd.delivery import response_for
 from relayd.stats import WorkerCounters
@@ -43,7 +44,9 @@ from relayd.stats import WorkerCounters
 SPLICE_PIPE_BYTES = 1 << 20       # pipe capacity (F_SETPIPE_SZ; /proc/sys/fs/pipe-max-size)
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 READ_BYTES = 256 * 1024           # a parsed chunked body: one recv
-LINE_PEEK = MAX_LINE + 2          # a size line (or CRLF and the next one) fits in this
+SCAN_BLOCK = 1 << 20              # a chunked body sent as it came: one recv
+SMALL_PEEK = 64                   # a CRLF and a plain size line fit in this
+LINE_PEEK = MAX_LINE + 2          # any size line (with the CRLF before it) fits in this
 TERMINATOR = b"0\r\n\r\n"
 MAX_SIZE_DIGITS = 16
 
@@ -131,7 +134,11 @@ class SpliceStream:
         self.received_all = False
         # chunked, passed through: the data bytes of the current chunk still to splice
         self.chunk_left = 0
-        self.first_line = True
+        self.peek_bytes = SMALL_PEEK
+        self.scanner: ChunkScanner | None = None  # a chunked body sent as it came
+        self.block = self.block_view = None
+        self.held = 0                             # block bytes read, not yet sent
+        self.sent_upto = 0                        # block bytes queued to the receiver
         self.deframe = False
         # httptools has begun this chunked body (or read all of it with the head)
         self.parsed = body.chunked and not body.untouched
@@ -166,6 +173,10 @@ class SpliceStream:
         self._apply(Ev.receiver_arrived)
         self.pipe_r, self.pipe_w, self.pipe_size = make_pipe()
         head, self.deframe = response_for(self.info, receiver.version)
+        if self.chunked and not self.parsed and not self.deframe:
+            self.scanner = ChunkScanner()
+            self.block = bytearray(SCAN_BLOCK)
+            self.block_view = memoryview(self.block)
         self.out.append(head)
         for piece in self.body.pending:
             if self.parsed:
@@ -212,6 +223,8 @@ class SpliceStream:
 
     def _fill(self) -> bool:
         """Take from the sender what the pipe and the framing allow; True if anything came."""
+        if self.scanner is not None:
+            return self._read_scanned()
         if self.parsed:
             return self._read_parsed()
         if not self.chunked:
@@ -258,7 +271,9 @@ class SpliceStream:
         """Between chunks: consume the CRLF after a chunk's data and the next size line (or
         the last chunk and its trailer), as far as they have arrived."""
         try:
-            data = self.sock.recv(LINE_PEEK + MAX_TRAILER, socket.MSG_PEEK)
+            # A look at what is next without taking it: small first (a CRLF and a size line
+            # are a few bytes; a larger peek would copy chunk data only to leave it there).
+            data = self.sock.recv(self.peek_bytes, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as e:
@@ -281,6 +296,9 @@ class SpliceStream:
             if len(data) - at > MAX_LINE:
                 self.abort("the sender's chunked body is malformed: a chunk size line is too "
                            "long")
+            elif len(data) == self.peek_bytes:
+                self.peek_bytes = LINE_PEEK + MAX_TRAILER   # a long line: look further
+                return True
             return self._consume(at) if at else False
         line = data[at:end + 1]
         m = SIZE_LINE.fullmatch(line)
@@ -294,6 +312,7 @@ class SpliceStream:
             self._consume(end + 1)
             self._expect_crlf = False
             self.chunk_left = size
+            self.peek_bytes = SMALL_PEEK
             if not self.deframe:
                 self.out.append(line)
             return True
@@ -305,6 +324,9 @@ class SpliceStream:
                 if len(data) - (end + 1) > MAX_TRAILER:
                     self.abort("the sender's chunked body is malformed: the trailer section is "
                                "too long")
+                elif len(data) == self.peek_bytes:
+                    self.peek_bytes = LINE_PEEK + MAX_TRAILER   # trailers: look further
+                    return True
                 return False                     # the rest has not arrived
             field = data[tail_at:nl + 1]
             if field == b"\r\n":
@@ -327,11 +349,66 @@ class SpliceStream:
         self._expect_crlf = False
         return True
 
+    def _read_scanned(self) -> bool:
+        """A chunked body for an HTTP/1.1 receiver: its framing is already the receiver's, so
+        it is read in large blocks, its size lines judged in place (chunked.py), and sent as
+        it came -- a size line per 4 KiB chunk (curl -T - from a pipe) would cost a splice
+        and a peek each. One block is in flight at a time; a size line or trailer still
+        being judged is held back for the next."""
+        if self.out:
+            return False                          # the last block is still going out
+        view, held = self.block_view, self.held
+        if self.sent_upto:                        # what went out leaves; the rest moves up
+            view[:held - self.sent_upto] = view[self.sent_upto:held]
+            held -= self.sent_upto
+            self.sent_upto = 0
+        try:
+            got = self.sock.recv_into(view[held:])
+        except (BlockingIOError, InterruptedError):
+            self.held = held
+            return False
+        except OSError as e:
+            self.held = held
+            self.abort(f"the sender's connection failed: {os.strerror(e.errno or 0)}")
+            return False
+        if got == 0:
+            self.held = held
+            self.abort("the sender closed its connection before the body ended")
+            return False
+        self.counters.bytes_in += got
+        scanner, base, block = self.scanner, self.scanner.position - held, self.block
+
+        def find(i: int, j: int) -> int:         # the scanner's LF search, in place
+            k = block.find(b"\n", held + i, held + j)
+            return k - held if k >= 0 else -1
+
+        try:
+            scanner.feed(view[held:held + got], find)
+        except MalformedChunk as e:
+            self.held = held + got
+            self._send_block(scanner.visible - base)
+            self.abort(f"the sender's chunked body is malformed: {e}")
+            return False
+        self.held = held + got
+        self.body_bytes = scanner.data_bytes
+        self._send_block(scanner.visible - base)
+        if scanner.done:
+            self._body_complete()
+        return True
+
+    def _send_block(self, length: int) -> None:
+        """The first `length` bytes of the block are judged: out they go (no copy)."""
+        if length > 0:
+            self.out.append(self.block_view[:length])
+            self.sent_upto = length
+
     def _has_room(self) -> bool:
         """Whether to take more from the sender: the pipe (or, parsing, the queue) has room.
         When it has none, the sender is not read: TCP holds it."""
+        if self.scanner is not None:
+            return not self.out
         if self.parsed:
-            return sum(len(x) for x in self.out if isinstance(x, bytes)) <= self.pipe_size
+            return sum(len(x) for x in self.out if not isinstance(x, int)) <= self.pipe_size
         return self.in_pipe < self.pipe_size
 
     def _read_parsed(self) -> bool:
@@ -376,6 +453,7 @@ class SpliceStream:
     def _body_complete(self) -> None:
         self.received_all = True
         if self.chunked and not self.deframe:
+            # The last chunk's own line and any trailer are held back; a plain end instead.
             self.out.append(TERMINATOR)
         self._apply(Ev.body_ended)
         self.hooks.report(control.BodyEnded(self.slot, self.gen, self.body_bytes))
