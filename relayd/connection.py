@@ -95,10 +95,13 @@ class Connection:
         self.peer = peer
         self.phase = Phase.HEAD
         self.outbuf = bytearray()
+        self.flushing = False            # a send of outbuf is scheduled or waits for room
+        self.writer_armed = False
         self.close_after_flush = False
         self.response_broken = False     # a streaming sender's peer reset: no more writes
         self.timer = None
-        self.stream = None               # the SenderStream or ReceiverGroup once attached
+        self.stream = None               # the stream driving the socket once attached
+        self.gone: Callable[[], None] | None = None   # its news of the peer hanging up
         self.requests = 0
         self.first_line: bytes | None = b""   # the connection's first request line, until seen
         self.recent = b""                # the last 4 bytes read
@@ -268,15 +271,21 @@ class Connection:
                     untouched=self.body_untouched,
                     feed=self.parser.feed_data if p.chunked else None)
 
+    def _unread(self) -> int:
+        """Bytes the client sent that sit unread in the socket (-1 if it cannot tell)."""
+        try:
+            return struct.unpack("i", fcntl.ioctl(self.fd, termios.FIONREAD, b"\0" * 4))[0]
+        except OSError:
+            return -1
+
     def holds_whole_body(self) -> bool:
         """A waiting sender hung up: is its whole body already here (read with the head, or
         queued in the socket)? Then it has handed the body over; a half-close after the last
         byte is not a departure."""
         if self.message_done:
             return True
-        try:
-            queued = struct.unpack("i", fcntl.ioctl(self.fd, termios.FIONREAD, b"\0" * 4))[0]
-        except OSError:
+        queued = self._unread()
+        if queued < 0:
             return False
         p = self.pipe
         if not p.chunked:
@@ -310,9 +319,12 @@ class Connection:
                                              + framing + b"Connection: close\r\n",
                                         self.version))
 
-    def attach(self, stream) -> None:
-        """A stream drives this socket from now on: the only way into STREAMING."""
+    def attach(self, stream, gone: Callable[[], None] | None = None) -> None:
+        """A stream drives this socket from now on: the only way into STREAMING. With `gone`,
+        this connection keeps reading (input discarded) and calls it when the peer hangs up
+        -- one registration fewer than the stream reading for itself."""
         self.stream = stream
+        self.gone = gone
         self._move(Move.attached)
 
     @property
@@ -348,35 +360,39 @@ class Connection:
         self.close_gracefully()
 
     def write(self, data: bytes) -> None:
+        """Queue bytes for the client. They leave at the end of this loop pass, so the lines
+        one event writes (a head and two progress lines, say) take one send."""
         if self.phase is Phase.CLOSED or self.response_broken:
             return
-        if not self.outbuf:
-            try:
-                sent = self.sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                self.lost()
-                return
-            data = data[sent:]
-            if not data:
-                return
-            self.loop.add_writer(self.fd, self.on_writable)
         self.outbuf += data
+        if not self.flushing:
+            self.flushing = True
+            self.loop.call_soon(self.on_writable)
 
     def on_writable(self) -> None:
+        """Send what is queued; wait for writability while the socket is full."""
+        if self.phase is Phase.CLOSED or not self.outbuf:
+            self.flushing = False
+            return
         try:
             sent = self.sock.send(self.outbuf)
         except (BlockingIOError, InterruptedError):
-            return
+            sent = 0
         except OSError:
             self.lost()
             return
         del self.outbuf[:sent]
-        if not self.outbuf:
+        if self.outbuf:
+            if not self.writer_armed:
+                self.writer_armed = True
+                self.loop.add_writer(self.fd, self.on_writable)
+            return
+        self.flushing = False
+        if self.writer_armed:
+            self.writer_armed = False
             self.loop.remove_writer(self.fd)
-            if self.close_after_flush:
-                self._linger()
+        if self.close_after_flush:
+            self._linger()
 
     # -- a sender's own response: progress lines -----------------------------------------
     def write_progress(self, line: str, last: bool = False) -> None:
@@ -403,6 +419,9 @@ class Connection:
             self._linger()
 
     def _linger(self) -> None:
+        if self.message_done and self._unread() == 0:
+            self.close()           # nothing the client sent is left unread: no reset to fear
+            return
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -425,12 +444,17 @@ class Connection:
         """The peer went away (EOF, reset)."""
         if self.phase is Phase.CLOSED:
             return
+        if self.phase is Phase.STREAMING and self.gone is not None:
+            self.gone()                    # its stream decides (and closes it)
+            return
         if self.phase is Phase.STREAMING and self.role == "sender":
             # Unread body bytes may still sit in the socket: its stream reads them and ends
             # the transfer short only if the body turns out incomplete.
             self.response_broken = True
             self.outbuf.clear()
-            self.loop.remove_writer(self.fd)
+            if self.writer_armed:
+                self.writer_armed = False
+                self.loop.remove_writer(self.fd)
             return
         if self.is_party:
             self.hooks.left(self)
@@ -462,7 +486,8 @@ class Connection:
         self._cancel_timer()
         try:
             self.loop.remove_reader(self.fd)
-            self.loop.remove_writer(self.fd)
+            if self.writer_armed:          # a stream removes its own writer before this
+                self.loop.remove_writer(self.fd)
         except (ValueError, OSError):
             pass
         self.hooks.closed(self)

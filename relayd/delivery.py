@@ -113,11 +113,12 @@ class ReceiverGroup:
         self.drop_timer = None          # --slow drop: a grace deadline being waited on
 
     def add(self, conn) -> Receiver:
+        """A receiver joins; its connection keeps reading (an idle pipe sends nothing, so
+        only a read sees a receiver hang up) and tells `_receiver_gone`."""
         head, deframe = response_for(self.info, conn.version)
         r = Receiver(conn, head, deframe, self.loop.time())
-        # Still read: an idle pipe sends nothing, so only a read sees a receiver hang up.
-        self.loop.add_reader(r.fd, self._on_readable, r)
         self.receivers.append(r)
+        conn.attach(r, gone=lambda: self._receiver_gone(r))
         return r
 
     def guarded(self, step: Callable[[], None]) -> None:
@@ -377,16 +378,9 @@ class ReceiverGroup:
         if stalled:
             self._publish()
 
-    def _on_readable(self, r: Receiver) -> None:
-        """Input from a streaming receiver is discarded; EOF or a reset means it left.
-        (A client that half-closes after its request is taken as gone, as piping-server does.)"""
-        try:
-            if r.sock.recv(4096):
-                return
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            pass
+    def _receiver_gone(self, r: Receiver) -> None:
+        """EOF or a reset from a streaming receiver: it left. (A client that half-closes after
+        its request is taken as gone, as piping-server does.)"""
         # It may have all it wanted: a Content-Length client closes at once.
         self.guarded(self.service)
         if r in self.receivers:
@@ -398,6 +392,8 @@ class ReceiverGroup:
         if r not in self.receivers:
             return
         self.receivers.remove(r)
+        if r.blocked:
+            self.loop.remove_writer(r.fd)
         # An HTTP/1.0 body has no length: only a reset can tell its client about a cut.
         r.conn.close(reset=not ok and r.deframe)
         self.hooks.report(control.ReceiverEnded(self.slot, self.gen, r.conn.id, ok))

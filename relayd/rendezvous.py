@@ -63,7 +63,7 @@ class SlotTable:
         del self.holders[slot]
         # Punch in both modes: copy-mode pages would stay resident forever; in sendfile mode
         # sockets still sending old pages keep them, the next transfer gets fresh ones.
-        self.arena.punch(slot, 0, self.arena.capacity)
+        self.arena.punch_written(slot)
         self.arena.store(ring.SlotFields(self.arena, slot).state, ring.IDLE)
         self.free.append(slot)
         return True

@@ -6,7 +6,7 @@ worker through inheritance. Its bytes, in 64-byte lines of eight little-endian u
 
     | stats: a block per worker index, one for the supervisor (stats.py)     (own pages) |
     | slot table, per slot:                                                  (own pages) |
-    |   line 0   | gen | tail | state | wake_at | producer |                              |
+    |   line 0   | gen | tail | state | wake_at | producer | high |                       |
     |   line 1   | spill_active | spill_start | spill_fd | spill_pid | file_wake_at |     |
     |            | drop_below | spill_end |                                               |
     |   line 2+i | cursor[i] | waiting[i] | file_cursor[i] |  one line per worker index i |
@@ -19,6 +19,8 @@ exactly one writer:
     tail        the producer's worker: receiver wire bytes published so far
     state       the producer's worker (the supervisor when that worker died)
     wake_at     the producer's worker: kick me when the lowest ring cursor reaches this
+    high        the producer's worker: the highest position it wrote (published or not);
+                the slot's release punches the pages below it, and only those
     spill_*     the producer's worker (spill.py): the spill file, where it starts, and
                 spill_end, NONE while the file grows, else the position it holds up to
     file_wake_at, drop_below   the producer's worker: same mark for file readers; file
@@ -169,6 +171,15 @@ class Arena:
         """Give ring pages back to the kernel; sockets still sending them keep the old pages."""
         self.mm.madvise(mmap.MADV_REMOVE, self.ring_base(slot) + offset, length)
 
+    def punch_written(self, slot: int) -> None:
+        """At a slot's release: give back every page its transfer wrote -- and only those (a
+        1 KiB pipe punches one page, not its whole window). Every free slot is then without
+        pages, so a transfer's first lap is fresh in sendfile mode too."""
+        high = self.load(SlotFields(self, slot).high)
+        length = min(_round_up(high, PAGE), self.capacity)
+        if length:
+            self.punch(slot, 0, length)
+
     def resident_bytes(self) -> int:
         """Bytes of the memfd backed by memory now (punched and untouched pages cost none)."""
         return os.fstat(self.fd).st_blocks * 512
@@ -190,7 +201,7 @@ class Arena:
 class SlotFields:
     """u64 indexes of one slot's fields (layout in the module docstring)."""
 
-    __slots__ = ("slot", "gen", "tail", "state", "wake_at", "producer", "spill_active",
+    __slots__ = ("slot", "gen", "tail", "state", "wake_at", "producer", "high", "spill_active",
                  "spill_start", "spill_fd", "spill_pid", "file_wake_at", "drop_below",
                  "spill_end", "_cursor0")
 
@@ -202,6 +213,7 @@ class SlotFields:
         self.state = base + 2
         self.wake_at = base + 3
         self.producer = base + 4
+        self.high = base + 5
         spill = base + LINE_U64
         self.spill_active = spill
         self.spill_start = spill + 1
@@ -229,6 +241,7 @@ class SlotFields:
         readers = set(receiver_workers)
         arena.store(self.gen, gen)
         arena.store(self.tail, 0)
+        arena.store(self.high, 0)
         arena.store(self.wake_at, 0)
         arena.store(self.producer, producer)
         for field in (self.spill_active, self.spill_start, self.spill_fd, self.spill_pid,
@@ -267,11 +280,10 @@ class RingWriter:
         self.tail = 0
         self.published = 0
         self.limit = arena.capacity
-        self.punched_end = arena.capacity    # first lap: the slot's pages are fresh
+        self.punched_end = arena.capacity    # first lap: a free slot has no pages (release)
         self.hold_at: int | None = None
         self.lowest = 0                      # lowest ring cursor at the last refresh
-        if sendfile:
-            arena.punch(slot, 0, self.capacity)
+        self.high = 0                        # the highest position written
 
     # -- space -----------------------------------------------------------------------------
     def space(self) -> int:
@@ -335,16 +347,24 @@ class RingWriter:
     def advance(self, n: int) -> None:
         """n bytes were received in place at tail."""
         self.tail += n
+        self._wrote()
 
     def write(self, data) -> None:
         self.arena.write(self.slot, self.tail, data)
         self.tail += len(data)
+        self._wrote()
 
     def writev(self, buffers: list, length: int) -> None:
         """Gather-write at tail; joined into one buffer when it would wrap the ring."""
         if not self.arena.writev(self.slot, self.tail, buffers, length):
             self.arena.write(self.slot, self.tail, b"".join(buffers))
         self.tail += length
+        self._wrote()
+
+    def _wrote(self) -> None:
+        if self.tail > self.high and self.high < self.capacity:
+            self.high = self.tail              # past one lap every page is written anyway
+            self.arena.store(self.f.high, self.tail)
 
     # -- publishing ------------------------------------------------------------------------
     def publish(self, visible: int) -> bool:

@@ -75,6 +75,8 @@ def bind_listener(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
+    # Accepted sockets inherit it (Linux): every pipe socket sends at once, no Nagle delay.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.listen(4096)
     sock.setblocking(False)
     return sock
@@ -242,8 +244,7 @@ class Worker:
                     pass
                 sock.close()
                 continue
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)           # TCP_NODELAY comes from the listener
             conn_id = self.next_conn_id
             self.next_conn_id += 1
             self.conns[conn_id] = Connection(sock, conn_id, f"{peer[0]}:{peer[1]}", self.loop,
@@ -424,7 +425,7 @@ class Worker:
             if conn is None:
                 self.report(control.ReceiverEnded(m.slot, m.gen, conn_id, False))
             else:
-                conn.attach(group.add(conn))
+                group.add(conn)
         group.guarded(group.service)
         if not group.receivers:
             group.close()

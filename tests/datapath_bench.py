@@ -10,7 +10,7 @@ socketpairs, the real rendezvous registry -- and no daemon, no worker process, n
 
 Each `WorkerPart` is what one worker index holds, wired exactly as relayd/worker.py wires it
 (on_start_sender, on_start_receivers, on_kick): Connections built with a Config and
-ConnectionHooks, `conn.attach(group.add(conn))`, SenderStream from `conn.body()`. Every worker
+ConnectionHooks, `group.add(conn)`, SenderStream from `conn.body()`. Every worker
 index has its own eventfd; `kick(w)` writes it and the loop's reader for it runs that index's
 groups and streams, as Worker.on_kick does. Control messages the parts report go, one loop
 turn later (as over the control socket), to a real `rendezvous.Registry` -- the supervisor's
@@ -171,9 +171,7 @@ class WorkerPart:
             if conn is None:
                 self.report(control.ReceiverEnded(m.slot, m.gen, conn_id, False))
             else:
-                receiver = group.add(conn)
-                conn.attach(receiver)
-                bench.receivers[conn_id] = receiver
+                bench.receivers[conn_id] = group.add(conn)
         group.guarded(group.service)
         if not group.receivers:
             group.close()
