@@ -26,6 +26,7 @@ from datapath_bench import (CAPACITY, KIB, MIB, Bench, FullDisk, ShortWrites, ch
                             chunked_wire, cut, fionread, payload, sha, stepped)
 from relayd import control, ring
 from relayd.control import Outcome
+from relayd.fileio import Syscalls
 from relayd.producer import SenderState
 
 STEP = 128 * KIB                  # paced pieces: at most this much per read
@@ -648,3 +649,46 @@ def test_random_departures_never_leave_a_short_body_looking_complete(make_bench,
         assert_every_receiver_got(bench, body, stayers)
     assert sum(bench.registry.outcomes.values()) == 1
     assert not bench.relay_failures(), bench.relay_failures()
+
+
+# -- 7. a bug in one pipe ---------------------------------------------------------------------
+class Broken(Syscalls):
+    """A ring write that raises what no errno explains: a stand-in for a bug in the relay."""
+
+    def pwrite(self, fd, data, offset):
+        raise RuntimeError("a bug in the relay")
+
+    def pwritev(self, fd, buffers, offset):
+        raise RuntimeError("a bug in the relay")
+
+
+def test_an_exception_in_one_pipe_aborts_it_visibly_and_logged_and_the_next_pipe_works(
+        make_bench):
+    """A chunked body partly read with its head is framed into the ring with pwritev; make that
+    raise. The pipe ends with Outcome.RELAY_ERROR, its receivers' bodies end short, the log
+    names the pipe, its slot comes back -- and the next pipe on the same worker parts goes
+    through whole."""
+    bench = make_bench(transmit="copy")
+    bench.arena.calls = Broken()
+    body = payload(200 * KIB)
+    sender = bench.sender(2, with_head=chunk(body[:50_000]))
+    broken = [bench.receiver(2, worker=w) for w in (1, 2)]
+    sender.feed([chunk(body[50_000:]) + b"0\r\n\r\n"])
+    bench.run_until(lambda: all(p.eof for p in broken) and bench.registry.slots.in_use == 0,
+                    "the broken pipe's end")
+    lost, = bench.messages(control.SenderLost)
+    assert lost.outcome is Outcome.RELAY_ERROR
+    assert all(not p.response().complete for p in broken)
+    assert any("failed in the relay" in line and "RuntimeError" in line for line in bench.log)
+    assert "[ERROR] the relay failed on this transfer" in sender.progress()
+
+    bench.arena.calls = Syscalls()
+    bench.peers.clear()
+    sender = bench.sender(2, with_head=chunk(body[:50_000]))
+    good = [bench.receiver(2, worker=w) for w in (1, 2)]
+    sender.feed([chunk(body[50_000:]) + b"0\r\n\r\n"])
+    bench.run_until(bench.finished, "the next pipe's end")
+    for peer in good:
+        response = peer.response()
+        assert response.status == 200 and response.complete and response.body == body
+    assert bench.registry.outcomes[Outcome.OK] == 1
