@@ -3,7 +3,9 @@
 
     scripts/compare_relayd.py --n 50 --mib 64 --repeat 4 "" "--spill-dir /dev/shm"
 
-Each positional argument is one set of extra relayd options ("" = the defaults). Every set
+Each positional argument is one set of extra relayd options ("" = the defaults); a set that
+begins with `repo=PATH` runs the relayd of another checkout (e.g. a `git worktree` of an
+older commit: before and after a change, in one sitting). Every set
 gets its own relayd (one worker per CPU unless --workers), started once; each repeat runs
 the throughput workload of scripts/bench on every set in turn, each run once every relayd
 is idle (1 `curl -T -` producer, N receivers over one Python process per usable core, every
@@ -25,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_lib import payload, servers, workloads  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LATENCY_LINES, LATENCY_RATE, LATENCY_WARMUP = 1000, 200, 20   # as scripts/bench's full run
 
 
 def ratio(value: float, base: float) -> str:
@@ -38,21 +41,44 @@ def main() -> int:
     ap.add_argument("--mib", type=int, default=64, help="payload MiB (default 64)")
     ap.add_argument("--repeat", type=int, default=4)
     ap.add_argument("--workers", type=int, default=os.cpu_count())
+    ap.add_argument("--latency", action="store_true",
+                    help="the latency workload instead (paced lines to N receivers: p50/p99)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="compare-relayd-") as work, \
             contextlib.ExitStack() as stack:
         data = payload.PayloadCache(work).get(args.mib << 20)
-        relays = [stack.enter_context(servers.RelaydServer(
-            work, REPO, args.workers, label=o or "(defaults)", options=shlex.split(o)))
-            for o in args.options]
+        relays = []
+        for o in args.options:
+            words, repo = shlex.split(o), REPO
+            if words and words[0].startswith("repo="):
+                repo = words.pop(0)[len("repo="):]
+            relays.append(stack.enter_context(servers.RelaydServer(
+                work, repo, args.workers, label=o or "(defaults)", options=words)))
         runs = {r.name: [] for r in relays}
         for repeat in range(args.repeat):
             for relay in relays:
                 servers.settle(relays)
+                if args.latency:
+                    figures = workloads.run_latency(relay, args.n, LATENCY_LINES, LATENCY_RATE,
+                                                    LATENCY_WARMUP)
+                    runs[relay.name].append(figures)
+                    print(f"run {repeat + 1} {relay.name}: p50 {figures['p50 ms']:.3f} ms, "
+                          f"p99 {figures['p99 ms']:.3f} ms", flush=True)
+                    continue
                 figures = workloads.run_throughput(relay, data, args.n)
                 runs[relay.name].append(figures)
                 print(f"run {repeat + 1} {relay.name}: {figures['GB/s']:.3f} GB/s, "
                       f"{figures['CPU s/GB']:.3f} CPU-s/GB", flush=True)
+    if args.latency:
+        print(f"\nlatency N = {args.n}, {LATENCY_LINES} lines at {LATENCY_RATE}/s, "
+              f"{args.workers} workers, medians of {args.repeat}")
+        for name, figures in runs.items():
+            p50 = statistics.median(f["p50 ms"] for f in figures)
+            p99 = statistics.median(f["p99 ms"] for f in figures)
+            print(f"{name:40} p50 {p50:.3f} ms  p99 {p99:.3f} ms  "
+                  f"(p99 {min(f['p99 ms'] for f in figures):.3f}–"
+                  f"{max(f['p99 ms'] for f in figures):.3f})")
+        return 0
     print(f"\nN = {args.n}, {args.mib} MiB, {args.workers} workers, medians of {args.repeat}")
     base = None
     for name, figures in runs.items():
