@@ -233,19 +233,28 @@ class SpliceStream:
             return self._splice_in(self.chunk_left)
         return self._read_frame()
 
+    def _take(self, read: Callable[[], object]):
+        """One read of the sender's socket: what came (bytes, or a count), else None -- for
+        now (EAGAIN), or for good (the sender failed or closed early: the pipe aborted)."""
+        try:
+            got = read()
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as e:
+            self.abort(f"the sender's connection failed: {os.strerror(e.errno or 0)}")
+            return None
+        if not got:
+            self.abort("the sender closed its connection before the body ended")
+            return None
+        return got
+
     def _splice_in(self, most: int) -> bool:
         room = self.pipe_size - self.in_pipe
         if room <= 0 or most <= 0:
             return False
-        try:
-            got = os.splice(self.fd, self.pipe_w, min(room, most), flags=SPLICE_FLAGS)
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError as e:
-            self.abort(f"the sender's connection failed: {os.strerror(e.errno or 0)}")
-            return False
-        if got == 0:
-            self.abort("the sender closed its connection before the body ended")
+        got = self._take(lambda: os.splice(self.fd, self.pipe_w, min(room, most),
+                                           flags=SPLICE_FLAGS))
+        if got is None:
             return False
         self.in_pipe += got
         self.body_bytes += got
@@ -270,17 +279,10 @@ class SpliceStream:
     def _read_frame(self) -> bool:
         """Between chunks: consume the CRLF after a chunk's data and the next size line (or
         the last chunk and its trailer), as far as they have arrived."""
-        try:
-            # A look at what is next without taking it: small first (a CRLF and a size line
-            # are a few bytes; a larger peek would copy chunk data only to leave it there).
-            data = self.sock.recv(self.peek_bytes, socket.MSG_PEEK)
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError as e:
-            self.abort(f"the sender's connection failed: {os.strerror(e.errno or 0)}")
-            return False
-        if not data:
-            self.abort("the sender closed its connection before the body ended")
+        # A look at what is next without taking it: small first (a CRLF and a size line are a
+        # few bytes; a larger peek would copy chunk data only to leave it there).
+        data = self._take(lambda: self.sock.recv(self.peek_bytes, socket.MSG_PEEK))
+        if data is None:
             return False
         at = 0
         if self._expect_crlf:
@@ -362,18 +364,9 @@ class SpliceStream:
             view[:held - self.sent_upto] = view[self.sent_upto:held]
             held -= self.sent_upto
             self.sent_upto = 0
-        try:
-            got = self.sock.recv_into(view[held:])
-        except (BlockingIOError, InterruptedError):
-            self.held = held
-            return False
-        except OSError as e:
-            self.held = held
-            self.abort(f"the sender's connection failed: {os.strerror(e.errno or 0)}")
-            return False
-        if got == 0:
-            self.held = held
-            self.abort("the sender closed its connection before the body ended")
+        self.held = held
+        got = self._take(lambda: self.sock.recv_into(view[held:]))
+        if got is None:
             return False
         self.counters.bytes_in += got
         scanner, base, block = self.scanner, self.scanner.position - held, self.block
@@ -415,15 +408,8 @@ class SpliceStream:
         """A chunked body httptools is in the middle of: read, parse, send framed."""
         if not self._has_room():
             return False
-        try:
-            data = self.sock.recv(READ_BYTES)
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError as e:
-            self.abort(f"the sender's connection failed: {os.strerror(e.errno or 0)}")
-            return False
-        if not data:
-            self.abort("the sender closed its connection before the body ended")
+        data = self._take(lambda: self.sock.recv(READ_BYTES))
+        if data is None:
             return False
         try:
             self.body.feed(data)

@@ -32,38 +32,7 @@ done
 for tool in curl python3; do
     command -v "$tool" >/dev/null || { echo "$0 needs $tool (apt-get install $tool)" >&2; exit 1; }
 done
-if [ -z "$out" ]; then
-    out=$(mktemp -d)
-    keep_out=no
-else
-    mkdir -p "$out"
-    keep_out=yes
-fi
-
-relayd_pid=
-relayd_stop=QUIT   # until the transfer is over: stop at once, ending every curl with it
-pids=()
-cleanup() {
-    if [ -n "$relayd_pid" ]; then
-        kill -"$relayd_stop" "$relayd_pid" 2>/dev/null || true
-        wait "$relayd_pid" 2>/dev/null || true
-    fi
-    [ "$keep_out" = yes ] || rm -rf "$out"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# relayd: port 0 picks a free port; the first line it prints says which.
-"$python" -m relayd --host 127.0.0.1 --port 0 >"$out/relayd.out" 2>"$out/relayd.err" &
-relayd_pid=$!
-url=
-for _ in $(seq 300); do
-    url=$(grep -om1 'http://127\.0\.0\.1:[0-9]*' "$out/relayd.out" || true)
-    [ -n "$url" ] && break
-    kill -0 "$relayd_pid" 2>/dev/null || { cat "$out/relayd.err" >&2; exit 1; }
-    sleep 0.1
-done
-[ -n "$url" ] || { echo "relayd did not start in 30 s" >&2; exit 1; }
+. "$here/../relay.sh"     # relayd on a free port: sets $url
 pipe="$url/embeddings?n=$n"
 
 echo "relayd:    $url"
