@@ -364,7 +364,10 @@ def test_a_sender_that_resets_with_megabytes_unread_is_lost_at_once(make_bench):
     sender.feed([body[:3 * MIB]], then=sender.reset)
     bench.run_until(bench.finished, "end of the transfer", timeout=10)
     lost = bench.messages(control.SenderLost)
-    assert len(lost) == 1 and "connection failed" in lost[0].reason
+    # A reset after the data reads as ECONNRESET or, when it overtakes nothing, as an EOF.
+    assert len(lost) == 1 and ("connection failed" in lost[0].reason
+                               or "closed its connection" in lost[0].reason)
+    assert lost[0].nbytes < len(body)
     for peer in peers:
         r = peer.response()
         assert peer.ended().ok is False and not r.complete
