@@ -34,3 +34,13 @@ for _ in $(seq 300); do
     sleep 0.1
 done
 [ -n "$url" ] || { echo "relayd did not start in 30 s" >&2; exit 1; }
+
+# Wait for every process in $pids -- with `wait`, not a foreground pipeline, so that a signal
+# ends the run at once -- and set $failed. The transfer is over: relayd may stop gracefully.
+wait_all() {
+    failed=0
+    for pid in "${pids[@]}"; do
+        wait "$pid" || failed=1
+    done
+    relayd_stop=TERM
+}

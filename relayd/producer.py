@@ -46,6 +46,16 @@ MIN_SPACE = 4096                  # below this free ring space the producer slee
 IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX"))   # buffers one pwritev takes
 
 
+def finished_line(ok: int, lost: int) -> str:
+    """A sender's last progress line(s), once every receiver is resolved."""
+    if not ok:
+        return f"[ERROR] All {lost} receiver(s) left before the end.\n"
+    line = f"[INFO] Sent successfully to {ok} receiver(s).\n"
+    if lost:
+        line += f"[WARN] {lost} receiver(s) left before the end.\n"
+    return line
+
+
 class SenderState(enum.Enum):
     READING = "reading"           # taking the body from the socket
     PAUSED = "paused"             # the window is full: not reading until a cursor moves
@@ -458,12 +468,7 @@ class SenderStream:
         """The supervisor says every receiver is resolved."""
         if self.state is SenderState.CLOSED:
             return
-        line = f"[INFO] Sent successfully to {ok} receiver(s).\n"
-        if not ok:
-            line = f"[ERROR] All {lost} receiver(s) left before the end.\n"
-        elif lost:
-            line += f"[WARN] {lost} receiver(s) left before the end.\n"
-        self.hooks.progress(line, True)
+        self.hooks.progress(finished_line(ok, lost), True)
         self._apply(E.finished)
         self.close()
 

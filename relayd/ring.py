@@ -57,7 +57,6 @@ STATS_U64 = 4 * LINE_U64         # u64 per stats block (layout: stats.py)
 
 # slot states
 IDLE, STREAMING, DONE, ABORTED = 0, 1, 2, 3
-STATE_NAMES = {IDLE: "idle", STREAMING: "streaming", DONE: "done", ABORTED: "aborted"}
 
 _fence_lock = threading.Lock()
 

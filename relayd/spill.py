@@ -254,9 +254,6 @@ class SpillWriter:
         self.budget.change(usage - self.counted)
         self.counted = usage
 
-    def disk_bytes(self) -> int:
-        return os.fstat(self.fd).st_blocks * 512
-
     def close(self) -> None:
         self.budget.change(-self.counted)
         self.counted = 0

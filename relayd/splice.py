@@ -39,6 +39,7 @@ from relayd.chunked import (MAX_LINE, MAX_TRAILER, SIZE_LINE, TRAILER_LINE, Chun
                             MalformedChunk)
 from relayd.control import Outcome, SenderInfo
 from relayd.delivery import response_for
+from relayd.producer import finished_line
 from relayd.stats import WorkerCounters
 
 SPLICE_PIPE_BYTES = 1 << 20       # pipe capacity (F_SETPIPE_SZ; /proc/sys/fs/pipe-max-size)
@@ -134,6 +135,7 @@ class SpliceStream:
         self.received_all = False
         # chunked, passed through: the data bytes of the current chunk still to splice
         self.chunk_left = 0
+        self._expect_crlf = False                 # a chunk's data went: its CRLF comes next
         self.peek_bytes = SMALL_PEEK
         self.scanner: ChunkScanner | None = None  # a chunked body sent as it came
         self.block = self.block_view = None
@@ -273,8 +275,6 @@ class SpliceStream:
             if self.remaining == 0:
                 self._body_complete()
         return True
-
-    _expect_crlf = False
 
     def _read_frame(self) -> bool:
         """Between chunks: consume the CRLF after a chunk's data and the next size line (or
@@ -566,10 +566,7 @@ class SpliceStream:
         """The supervisor says the receiver is resolved."""
         if self.state is Splice.CLOSED:
             return
-        line = f"[INFO] Sent successfully to {ok} receiver(s).\n"
-        if not ok:
-            line = f"[ERROR] All {lost} receiver(s) left before the end.\n"
-        self.hooks.progress(line, True)
+        self.hooks.progress(finished_line(ok, lost), True)
         self._apply(Ev.finished)
         self.close()
 

@@ -384,20 +384,27 @@ class Worker:
             conn.write_progress(f"[INFO] Waiting for {m.n} receiver(s)...\n")
         conn.write_progress(f"[INFO] {m.connected} of {m.n} receiver(s) connected.\n")
 
-    def on_start_sender(self, m: control.StartSender) -> None:
-        conn = self._party(m.conn)
-        writer = ring.RingWriter(self.arena, m.slot, m.receiver_workers, m.mode == "sendfile",
-                                 self.config.punch_block, self.kick)
+    def _starting_sender(self, conn_id: int, slot: int, gen: int, n: int) -> Connection | None:
+        """The sender of a transfer that starts: answered and told, or -- it left as the
+        rendezvous completed -- reported lost (its receivers see an empty, aborted body)."""
+        conn = self._party(conn_id)
         if conn is None:
-            # It left as the rendezvous completed: the receivers see an empty, aborted body.
-            writer.finish(0, ring.ABORTED)
-            self.report(control.SenderLost(m.slot, m.gen, control.Outcome.SENDER_LOST,
+            self.report(control.SenderLost(slot, gen, control.Outcome.SENDER_LOST,
                                            "the sender left as the transfer started", 0))
-            self.report(control.Released(m.slot, m.gen, "sender"))
-            return
+            self.report(control.Released(slot, gen, "sender"))
+            return None
         self.hangups.discard(conn)
         conn.accepted()
-        conn.write_progress(f"[INFO] Start sending to {m.n} receiver(s)!\n")
+        conn.write_progress(f"[INFO] Start sending to {n} receiver(s)!\n")
+        return conn
+
+    def on_start_sender(self, m: control.StartSender) -> None:
+        writer = ring.RingWriter(self.arena, m.slot, m.receiver_workers, m.mode == "sendfile",
+                                 self.config.punch_block, self.kick)
+        conn = self._starting_sender(m.conn, m.slot, m.gen, m.n)
+        if conn is None:
+            writer.finish(0, ring.ABORTED)
+            return
         c = self.config
         slow = conn.pipe.slow or c.slow
         stream = SenderStream(
@@ -432,16 +439,9 @@ class Worker:
 
     def on_start_splice(self, m: control.StartSplice) -> None:
         """n = 1: this worker moves the body from the sender's socket to the receiver's."""
-        conn = self._party(m.conn)
+        conn = self._starting_sender(m.conn, m.slot, m.gen, 1)
         if conn is None:
-            # It left as the rendezvous completed: the receiver gets nothing, visibly.
-            self.report(control.SenderLost(m.slot, m.gen, control.Outcome.SENDER_LOST,
-                                           "the sender left as the transfer started", 0))
-            self.report(control.Released(m.slot, m.gen, "sender"))
             return
-        self.hangups.discard(conn)
-        conn.accepted()
-        conn.write_progress("[INFO] Start sending to 1 receiver(s)!\n")
         stream = SpliceStream(
             conn.sock, conn.body(), m.info, self.loop, m.slot, m.gen,
             SpliceHooks(progress=conn.write_progress, close_sender=conn.close_gracefully,

@@ -365,6 +365,23 @@ def transfer_logs(relay) -> dict[str, dict]:
     return found
 
 
+def decode_chunked(wire: bytes) -> tuple[bytes, bool]:
+    """(payload, whether the terminator arrived) of a chunked response body, strictly."""
+    out, i = b"", 0
+    while True:
+        lf = wire.find(b"\r\n", i)
+        if lf < 0:
+            return out, False
+        size = int(wire[i:lf].partition(b";")[0], 16)
+        if size == 0:
+            return out, wire[lf:lf + 4] == b"\r\n\r\n"
+        if len(wire) < lf + 2 + size + 2:
+            return out + wire[lf + 2:lf + 2 + size], False
+        assert wire[lf + 2 + size:lf + 4 + size] == b"\r\n"
+        out += wire[lf + 2:lf + 2 + size]
+        i = lf + 4 + size
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _curl_present():
     if CURL is None:

@@ -25,8 +25,7 @@ client read drains its socket.
 
 What the bench leaves out on purpose: the worker's once-a-second tick, which re-runs every
 pipe "so a lost wake-up costs a second". Here a lost wake-up hangs the transfer, and the
-test fails on its timeout instead of passing slowly. (`tick_every` can add it back; no test
-needs it.)
+test fails on its timeout instead of passing slowly.
 
 Tests drive the loop with `bench.run_until(predicate, what)`: it fails, with the state of
 every part, after TIMEOUT_S -- a broken data path fails rather than hangs.
@@ -295,8 +294,6 @@ class SenderPeer:
         self.relay_fd = conn.fd
         self.response = bytearray()
         self.tails: list[int] = []     # the ring's tail after each paced piece
-        self.fed = False
-        self.write_error: OSError | None = None   # the relay closed on the rest of the body
         sock.setblocking(False)
         bench.loop.add_reader(sock.fileno(), self._on_readable)
 
@@ -362,15 +359,13 @@ class SenderPeer:
                     self.stream.ring.refresh()
                 try:
                     await self.bench.loop.sock_sendall(self.sock, piece)
-                except OSError as e:
-                    self.write_error = e
-                    return
+                except OSError:
+                    return                 # the relay closed on the rest of the body
                 if pace:
                     await self.bench.until(self.idle)
                     self.tails.append(self.stream.ring.tail)
                 if gap_s:
                     await asyncio.sleep(gap_s)
-            self.fed = True
             if then is not None:
                 then()
         self.bench.tasks.append(self.bench.loop.create_task(run()))
@@ -561,19 +556,6 @@ class Bench:
             self.loop.run_until_complete(asyncio.wait_for(wait(), timeout))
         except asyncio.TimeoutError:
             raise AssertionError(f"no {what} within {timeout:g} s:\n{self.describe()}") from None
-
-    def tick_every(self, seconds: float = 1.0) -> None:
-        """Run the worker's periodic pass (Worker.check_pipes: every group's service, every
-        stream's on_kick) -- only for behaviour meant to wait for it: everywhere else its
-        absence is what makes a lost wake-up fail."""
-        def tick():
-            self.loop.call_later(seconds, tick)
-            for part in self.parts:
-                for group in list(part.groups.values()):
-                    group.guarded(group.service)
-                for stream in list(part.senders.values()):
-                    stream.on_kick()
-        self.loop.call_later(seconds, tick)
 
     def run_for(self, seconds: float) -> None:
         self.loop.run_until_complete(asyncio.sleep(seconds))

@@ -16,8 +16,8 @@ import time
 import httptools
 import pytest
 
-from conftest import (curl_receiver, payload, raw_request, read_until_closed, sha256_file,
-                      wait_all, wait_for, waiting_count)
+from conftest import (curl_receiver, decode_chunked, payload, raw_request, read_until_closed,
+                      sha256_file, wait_all, wait_for, waiting_count)
 from relayd.chunked import ChunkScanner, MalformedChunk
 
 HEAD = (b"PUT %s HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
@@ -26,23 +26,6 @@ HEAD = (b"PUT %s HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
 
 def frame(data: bytes, size_text: bytes | None = None, ext: bytes = b"") -> bytes:
     return (size_text or b"%x" % len(data)) + ext + b"\r\n" + data + b"\r\n"
-
-
-def decode_chunked(wire: bytes) -> tuple[bytes, bool]:
-    """(payload, whether the terminator arrived) of a chunked response body, strictly."""
-    out, i = b"", 0
-    while True:
-        lf = wire.find(b"\r\n", i)
-        if lf < 0:
-            return out, False
-        size = int(wire[i:lf].partition(b";")[0], 16)
-        if size == 0:
-            return out, wire[lf:lf + 4] == b"\r\n\r\n"
-        if len(wire) < lf + 2 + size + 2:
-            return out + wire[lf + 2:lf + 2 + size], False
-        assert wire[lf + 2 + size:lf + 4 + size] == b"\r\n"
-        out += wire[lf + 2:lf + 2 + size]
-        i = lf + 4 + size
 
 
 def open_receivers(relay, path: str, n: int, versions=("1.1",)) -> list[socket.socket]:

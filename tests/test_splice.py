@@ -16,22 +16,30 @@ import time
 
 import pytest
 
-from conftest import (CURL, SHORT_BODY, curl_receiver, curl_sender, parse_head, payload,
-                      raw_request, read_until_closed, sha256_file, transfer_logs, wait_all,
-                      wait_for)
+from conftest import (CURL, SHORT_BODY, curl_receiver, curl_sender, decode_chunked, parse_head,
+                      payload, raw_request, read_until_closed, sha256_file, wait_all, wait_for)
 
 MIB = 1 << 20
+
+
+def waiting_receiver(relay, path: str, version: str = "1.1") -> socket.socket:
+    """A raw receiver of path, registered (the pipe is waiting) when this returns."""
+    host = b"Host: r\r\n" if version == "1.1" else b""
+    receiver = raw_request(relay.port, b"GET %s HTTP/%s\r\n%s\r\n"
+                           % (path.encode(), version.encode(), host))
+    wait_for(lambda: relay.health()["pipes_waiting"] == 1, what="the receiver waiting")
+    return receiver
+
+
+def chunked_sender(relay, path: str) -> socket.socket:
+    return raw_request(relay.port, b"PUT %s HTTP/1.1\r\nHost: r\r\n"
+                       b"Transfer-Encoding: chunked\r\n\r\n" % path.encode())
 
 
 def metric(relay, name: str) -> float:
     text = subprocess.run([CURL, "-s", relay.url + "/metrics"], capture_output=True,
                           text=True, timeout=30).stdout
     return sum(float(v) for v in re.findall(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M))
-
-
-def spliced_paths(relay) -> set[str]:
-    return {p for p, log in transfer_logs(relay).items()
-            if re.search(rf"path='{re.escape(p)}'.*transmit=splice", relay.stderr_text())}
 
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
@@ -71,15 +79,14 @@ def test_a_chunked_body_partly_read_with_its_head_is_relayed_whole(start_relay):
     body = random.Random(5).randbytes(300_000)
     chunks = [body[i:i + 7000] for i in range(0, len(body), 7000)]
     wire = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\nX-T: 1\r\n\r\n"
-    receiver = raw_request(relay.port, b"GET /partly HTTP/1.1\r\nHost: r\r\n\r\n")
-    wait_for(lambda: relay.health()["pipes_waiting"] == 1, what="the receiver waiting")
+    receiver = waiting_receiver(relay, "/partly")
     sender = raw_request(relay.port, b"PUT /partly HTTP/1.1\r\nHost: r\r\n"
                          b"Transfer-Encoding: chunked\r\n\r\n" + wire[:20000])
     sender.sendall(wire[20000:])
     data, closed = read_until_closed(receiver, timeout=30)
     status, headers, raw = parse_head(data)
     assert closed and status == 200 and headers["transfer-encoding"] == "chunked"
-    assert dechunk(raw) == (body, True)
+    assert decode_chunked(raw) == (body, True)
     assert b"Sent successfully" in read_until_closed(sender, timeout=30)[0]
 
 
@@ -90,8 +97,7 @@ def test_an_http10_receiver_of_a_spliced_chunked_body_gets_the_plain_body(start_
     wire = b"".join(b"%x\r\n%s\r\n" % (len(c), c)
                     for c in (body[i:i + 65536] for i in range(0, len(body), 65536)))
     wire += b"0\r\n\r\n"
-    receiver = raw_request(relay.port, b"GET /h10 HTTP/1.0\r\n\r\n")
-    wait_for(lambda: relay.health()["pipes_waiting"] == 1, what="the receiver waiting")
+    receiver = waiting_receiver(relay, "/h10", version="1.0")
     head = b"PUT /h10 HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\n\r\n"
     if parsed:
         sender = raw_request(relay.port, head + wire)
@@ -132,10 +138,8 @@ def test_a_sender_that_dies_mid_body_leaves_its_spliced_receiver_visibly_short(
 
 def test_a_spliced_receiver_that_leaves_mid_body_ends_the_sender_with_an_error(start_relay):
     relay = start_relay(workers=2)
-    receiver = raw_request(relay.port, b"GET /leaves HTTP/1.1\r\nHost: r\r\n\r\n")
-    wait_for(lambda: relay.health()["pipes_waiting"] == 1, what="the receiver waiting")
-    sender = raw_request(relay.port, b"PUT /leaves HTTP/1.1\r\nHost: r\r\n"
-                         b"Transfer-Encoding: chunked\r\n\r\n")
+    receiver = waiting_receiver(relay, "/leaves")
+    sender = chunked_sender(relay, "/leaves")
     sender.sendall(b"%x\r\n%s\r\n" % (65536, b"x" * 65536))
     got = b""
     while len(got) < 65536:
@@ -159,33 +163,15 @@ def test_a_spliced_receiver_that_leaves_mid_body_ends_the_sender_with_an_error(s
 
 def test_a_malformed_chunk_mid_body_ends_the_spliced_receiver_short(start_relay):
     relay = start_relay(workers=1)
-    receiver = raw_request(relay.port, b"GET /bad HTTP/1.1\r\nHost: r\r\n\r\n")
-    wait_for(lambda: relay.health()["pipes_waiting"] == 1, what="the receiver waiting")
-    sender = raw_request(relay.port, b"PUT /bad HTTP/1.1\r\nHost: r\r\n"
-                         b"Transfer-Encoding: chunked\r\n\r\n")
+    receiver = waiting_receiver(relay, "/bad")
+    sender = chunked_sender(relay, "/bad")
     time.sleep(0.2)
     sender.sendall(b"5\r\nhello\r\nzz\r\nworld\r\n0\r\n\r\n")
     data, closed = read_until_closed(receiver, timeout=30)
     status, _, raw = parse_head(data)
     assert closed and status == 200
-    assert dechunk(raw) == (b"hello", False)          # the good chunk, then no terminator
+    assert decode_chunked(raw) == (b"hello", False)          # the good chunk, then no terminator
     assert b"malformed" in read_until_closed(sender, timeout=30)[0]
-
-
-def dechunk(raw: bytes) -> tuple[bytes, bool]:
-    """(body, whether the terminating chunk arrived) of a chunked response body."""
-    body, i = b"", 0
-    while True:
-        nl = raw.find(b"\r\n", i)
-        if nl < 0:
-            return body, False
-        size = int(raw[i:nl].split(b";")[0], 16)
-        if size == 0:
-            return body, raw[nl + 2:nl + 4] == b"\r\n" or raw[nl + 2:].find(b"\r\n\r\n") >= 0
-        body += raw[nl + 2:nl + 2 + size]
-        if len(raw) < nl + 2 + size + 2:
-            return body, False
-        i = nl + 2 + size + 2
 
 
 def test_the_sha_of_a_spliced_body_is_independent_of_how_the_sender_writes_it(start_relay):
@@ -194,10 +180,8 @@ def test_the_sha_of_a_spliced_body_is_independent_of_how_the_sender_writes_it(st
     body = random.Random(11).randbytes(200_000)
     wire = b"".join(b"%x\r\n%s\r\n" % (len(c), c)
                     for c in (body[i:i + 777] for i in range(0, len(body), 777))) + b"0\r\n\r\n"
-    receiver = raw_request(relay.port, b"GET /odd HTTP/1.1\r\nHost: r\r\n\r\n")
-    wait_for(lambda: relay.health()["pipes_waiting"] == 1, what="the receiver waiting")
-    sender = raw_request(relay.port, b"PUT /odd HTTP/1.1\r\nHost: r\r\n"
-                         b"Transfer-Encoding: chunked\r\n\r\n")
+    receiver = waiting_receiver(relay, "/odd")
+    sender = chunked_sender(relay, "/odd")
     time.sleep(0.2)
     for b in wire[:300]:
         sender.sendall(bytes([b]))
@@ -208,5 +192,5 @@ def test_the_sha_of_a_spliced_body_is_independent_of_how_the_sender_writes_it(st
         sender.sendall(wire[pos:pos + step])
         pos += step
     data, closed = read_until_closed(receiver, timeout=30)
-    got, ended = dechunk(parse_head(data)[2])
+    got, ended = decode_chunked(parse_head(data)[2])
     assert closed and ended and hashlib.sha256(got).digest() == hashlib.sha256(body).digest()

@@ -51,12 +51,7 @@ done
     | curl -sSf -T - "$pipe" >"$out/sender.txt") &
 pids+=($!)
 
-# `wait` (not a foreground pipeline) so that a signal ends the run at once.
-failed=0
-for pid in "${pids[@]}"; do
-    wait "$pid" || failed=1
-done
-relayd_stop=TERM
+wait_all                # every consumer and the producer; sets $failed
 for i in $(seq 1 $n); do
     cat "$out/consumer-$i.txt"
     echo

@@ -46,12 +46,7 @@ done
     | curl -sSf -T - "$pipe" >"$out/sender.txt") &
 pids+=($!)
 
-# `wait` (not a foreground pipeline) so that a signal ends the run at once.
-failed=0
-for pid in "${pids[@]}"; do
-    wait "$pid" || failed=1
-done
-relayd_stop=TERM
+wait_all                # every consumer and the producer; sets $failed
 [ "$failed" = 0 ] || { echo "a worker or the producer failed; relayd said:" >&2; cat "$out/relayd.err" >&2; exit 1; }
 
 # The same answer scored without relayd, curl or the fleet: what every worker should print.
