@@ -41,6 +41,8 @@ def main() -> int:
     ap.add_argument("--mib", type=int, default=64, help="payload MiB (default 64)")
     ap.add_argument("--repeat", type=int, default=4)
     ap.add_argument("--workers", type=int, default=os.cpu_count())
+    ap.add_argument("--content-length", action="store_true",
+                    help="the producer uploads a file (curl -T FILE) instead of stdin (chunked)")
     ap.add_argument("--latency", action="store_true",
                     help="the latency workload instead (paced lines to N receivers: p50/p99)")
     args = ap.parse_args()
@@ -65,7 +67,8 @@ def main() -> int:
                     print(f"run {repeat + 1} {relay.name}: p50 {figures['p50 ms']:.3f} ms, "
                           f"p99 {figures['p99 ms']:.3f} ms", flush=True)
                     continue
-                figures = workloads.run_throughput(relay, data, args.n)
+                figures = workloads.run_throughput(relay, data, args.n,
+                                                   content_length=args.content_length)
                 runs[relay.name].append(figures)
                 print(f"run {repeat + 1} {relay.name}: {figures['GB/s']:.3f} GB/s, "
                       f"{figures['CPU s/GB']:.3f} CPU-s/GB", flush=True)

@@ -193,13 +193,15 @@ def deadline_for(total_bytes):
 
 
 class CurlProducer:
-    """curl -sS -T - URL, fed the payload on stdin (a chunked upload), in the background."""
+    """curl -sS -T - URL, fed the payload on stdin (a chunked upload), in the background; with
+    content_length, curl -T FILE (a Content-Length upload)."""
 
-    def __init__(self, server, target, payload, deadline_s):
+    def __init__(self, server, target, payload, deadline_s, content_length=False):
         self.deadline_s = deadline_s
+        source = payload.path if content_length else "-"
         with open(payload.path, "rb") as body:
             self.process = subprocess.Popen(
-                ["curl", "-sS", "-T", "-", server.url + target], stdin=body,
+                ["curl", "-sS", "-T", source, server.url + target], stdin=body,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                 preexec_fn=die_with_parent)
         # Drained in a thread so curl never blocks on the progress lines it prints.
@@ -229,11 +231,13 @@ class CurlProducer:
         self.reader.join()
 
 
-def produce_and_receive(server, target, payload, fast, deadline_s, slow=()):
+def produce_and_receive(server, target, payload, fast, deadline_s, slow=(),
+                        content_length=False):
     """Start the curl producer (if any), collect the fast clients' RESULT, then LIFT the slow
     ones' throttle and collect theirs. Returns every receiver's outcome, by index, and the
     receivers' own CPU seconds."""
-    producer = CurlProducer(server, target, payload, deadline_s) if server.has_producer else None
+    producer = (CurlProducer(server, target, payload, deadline_s, content_length)
+                if server.has_producer else None)
     try:
         try:
             results = wait_results(fast, producer)
@@ -296,15 +300,16 @@ def transfer_target(server, payload, n, prefix):
     return f"{unique_path(prefix)}?n={n}"
 
 
-def run_throughput(server, payload, n, clients=Clients()):
-    """1 curl producer -> n receivers: delivered GB/s and server CPU-seconds per GB."""
+def run_throughput(server, payload, n, clients=Clients(), content_length=False):
+    """1 curl producer -> n receivers: delivered GB/s and server CPU-seconds per GB. The
+    producer uploads chunked from stdin, or with content_length a Content-Length file."""
     target = transfer_target(server, payload, n, "throughput")
     deadline_s = deadline_for(payload.size * n)
     cpu_before = server.cpu_seconds()
     receivers = Receivers(server, target, [(count, []) for count in spread(n, clients.processes)],
                           deadline_s, clients, payload)
     outcomes, client_cpu_s = produce_and_receive(server, target, payload, receivers.processes,
-                                                 deadline_s)
+                                                 deadline_s, content_length=content_length)
     cpu_used = server.cpu_seconds() - cpu_before
     server.check_alive()
     verify(outcomes, payload.size, payload.sha256, f"{server.name} throughput n={n}")
