@@ -10,6 +10,7 @@ worker through inheritance. Its bytes, in 64-byte lines of eight little-endian u
     |   line 1   | spill_active | spill_start | spill_fd | spill_pid | file_wake_at |     |
     |            | drop_below | spill_end |                                               |
     |   line 2+i | cursor[i] | waiting[i] | file_cursor[i] |  one line per worker index i |
+    | wake marks: per worker index, one byte per slot                        (own pages) |
     | ring 0 | ring 1 | ... each `capacity` bytes (a power of two), page aligned          |
 
 A *position* counts bytes since the pipe began and never wraps; an *offset* is
@@ -28,6 +29,9 @@ exactly one writer:
     cursor[i]   worker i: the lowest position any of its ring readers still needs, or NONE
     waiting[i]  worker i: it has a caught-up receiver of this pipe and sleeps on its eventfd
     file_cursor[i]  worker i: the lowest position of its spill-file readers, or NONE
+    mark[i][slot]   set by whoever kicks worker i about the slot, before the kick; cleared
+                by worker i (then a fence) before it looks at the slot. A kick then costs
+                the parts of the slots it names, not every pipe of the worker.
 
 Memory ordering (x86-64 TSO only; the supervisor refuses other machines): every load and
 store of those fields goes through `Arena.load`/`store`, 8-byte aligned through a memoryview
@@ -101,13 +105,15 @@ class Arena:
         self.stats_bytes = _round_up((worker_slots + 1) * STATS_U64 * 8, PAGE)
         self.slot_lines = 2 + worker_slots
         self.table_bytes = _round_up(slots * self.slot_lines * 64, PAGE)
-        self.rings_base = self.stats_bytes + self.table_bytes
+        self.marks_base = self.stats_bytes + self.table_bytes
+        self.rings_base = self.marks_base + _round_up(worker_slots * slots, PAGE)
         self.size = self.rings_base + slots * capacity
         self.fd = os.memfd_create("relayd-arena", os.MFD_CLOEXEC)
         os.ftruncate(self.fd, self.size)
         self.mm = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.view = memoryview(self.mm)
         self.q = self.view[: self.rings_base].cast("Q")
+        self.marks = self.view[self.marks_base: self.marks_base + worker_slots * slots]
         self._table_u64 = self.stats_bytes // 8
         self.calls: Syscalls = SYSCALLS
 
@@ -131,6 +137,27 @@ class Arena:
 
     def store(self, index: int, value: int) -> None:
         self.q[index] = value
+
+    # -- wake marks ------------------------------------------------------------------------
+    def mark(self, worker: int, slot: int) -> None:
+        """Before kicking a worker: the slot it is kicked about (a one-byte store)."""
+        self.marks[worker * self.slots + slot] = 1
+
+    def take_marks(self, worker: int) -> list[int]:
+        """The slots a worker was kicked about since it last looked, its marks cleared;
+        then a fence, so what it loads next is at least what the kicker stored before
+        marking (a mark set after the clear stays, with its kick still to come)."""
+        row = self.marks[worker * self.slots:(worker + 1) * self.slots]
+        seen = row.tobytes()
+        slots = []
+        at = seen.find(1)
+        while at >= 0:
+            row[at] = 0
+            slots.append(at)
+            at = seen.find(1, at + 1)
+        if slots:
+            fence()
+        return slots
 
     # -- ring bytes ------------------------------------------------------------------------
     def span(self, slot: int, position: int, end: int) -> tuple[int, int]:
@@ -187,6 +214,7 @@ class Arena:
         if self.mm is not None:
             try:
                 self.q.release()
+                self.marks.release()
                 self.view.release()
                 self.mm.close()
             except (BufferError, ValueError):
@@ -377,6 +405,7 @@ class RingWriter:
         fence()
         for w in self.receiver_workers:
             if a.load(f.waiting(w)):
+                a.mark(w, self.slot)
                 self.kick(w)
         return True
 
@@ -392,6 +421,7 @@ class RingWriter:
         """After a store the receivers' workers must see: fence, then wake them all."""
         fence()
         for w in self.receiver_workers:
+            self.arena.mark(w, self.slot)
             self.kick(w)
 
     def cut_below(self, position: int) -> None:
@@ -488,5 +518,6 @@ class RingReader:
         file_wake_at = a.load(f.file_wake_at)
         if (wake_at and before < wake_at <= lowest) or \
                 (file_wake_at and before_file < file_wake_at <= lowest_file):
+            a.mark(self.producer, self.slot)
             self.kick(self.producer)
         return True

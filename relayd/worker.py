@@ -106,6 +106,7 @@ class Worker:
         self.conn_peak = 0
         self.senders: dict[int, SenderStream] = {}     # slot -> stream
         self.groups: dict[int, ReceiverGroup] = {}     # slot -> group
+        self.own_kick_due = False        # a kick of this worker by itself waits in call_soon
         self.splices: dict[int, SpliceStream] = {}     # slot -> n = 1 stream
         self.adopted = 0                # receivers' sockets handed over by other workers
         self.hangups = HangupWatch(self.on_sender_hangup)
@@ -525,17 +526,35 @@ class Worker:
 
     # -- data plane wake-ups ---------------------------------------------------------------
     def kick(self, worker: int) -> None:
-        os.eventfd_write(self.eventfds[worker], 1)
+        """Wake a worker about the slots marked for it (ring.py marks them first). Our own
+        kicks (the producer and receivers of a pipe in this worker) need no eventfd round
+        trip: the marks are run once this loop pass's callbacks are done."""
+        if worker != self.index:
+            os.eventfd_write(self.eventfds[worker], 1)
+        elif not self.own_kick_due:
+            self.own_kick_due = True
+            self.loop.call_soon(self.on_own_kick)
 
     def on_kick(self) -> None:
         try:
             os.eventfd_read(self.eventfds[self.index])
         except BlockingIOError:
             pass
-        for group in list(self.groups.values()):
-            group.on_kick()
-        for stream in list(self.senders.values()):
-            stream.on_kick()
+        self.run_marks()
+
+    def on_own_kick(self) -> None:
+        self.own_kick_due = False
+        self.run_marks()
+
+    def run_marks(self) -> None:
+        """Only the slots a kick named: a pass costs the pipes that moved, not all of ours."""
+        for slot in self.arena.take_marks(self.index):
+            group = self.groups.get(slot)
+            if group is not None:
+                group.on_kick()
+            stream = self.senders.get(slot)
+            if stream is not None:
+                stream.on_kick()
 
     # -- observability ---------------------------------------------------------------------
     def count_rejection(self, conn: Connection, status: int, reason: str) -> None:

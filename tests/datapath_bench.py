@@ -200,10 +200,13 @@ class WorkerPart:
             os.eventfd_read(self.bench.eventfds[self.index])
         except BlockingIOError:
             pass
-        for group in list(self.groups.values()):
-            group.on_kick()
-        for stream in list(self.senders.values()):
-            stream.on_kick()
+        for slot in self.bench.arena.take_marks(self.index):
+            group = self.groups.get(slot)
+            if group is not None:
+                group.on_kick()
+            stream = self.senders.get(slot)
+            if stream is not None:
+                stream.on_kick()
 
 
 # -- the test's ends of the sockets -----------------------------------------------------------

@@ -117,3 +117,69 @@ def test_ping_pong_between_processes_loses_no_wake_up(arena):
     assert arena.load(f.cursor(consumer)) == ROUNDS
     for efd in efds:
         os.close(efd)
+
+
+def test_a_receiver_that_looks_only_at_marked_slots_misses_no_wake_up(arena):
+    """Worker.run_marks: after a kick a worker looks only at the slots marked for it
+    (Arena.take_marks: clear, fence). Two pipes' producers in one process, both pipes'
+    receivers in another, which after sleeping reads only the marked slots' tails: a mark
+    lost, or cleared after the tail it announces was read, leaves a receiver asleep with
+    bytes to read and its producer waiting for it -- a 5 s silence fails the test."""
+    producer, consumer, slots = 0, 1, (0, 1)
+    for s in slots:
+        ring.SlotFields(arena, s).reset(arena, producer, [consumer], gen=1)
+    efds = [os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)]
+    kick = lambda w: os.eventfd_write(efds[w], 1)  # noqa: E731
+    rounds = max(1, ROUNDS // 4)
+    pid = os.fork()
+    if pid == 0:
+        readers = [ring.RingReader(arena, s, consumer, kick) for s in slots]
+        seen, look = [0, 0], list(slots)
+        while True:
+            moved = []
+            for s in look:            # as ReceiverGroup.on_kick: a pass over this slot only
+                readers[s].sleep_flag(False)
+                _, tail = readers[s].state_and_tail()
+                if tail > seen[s]:
+                    seen[s] = tail
+                    readers[s].publish(tail, ring.NONE)
+                readers[s].sleep_flag(True)          # caught up: flag, fence, look again
+                if readers[s].moved(seen[s], ring.STREAMING):
+                    moved.append(s)
+            if min(seen) == rounds:
+                break
+            if moved:
+                look = moved
+                continue
+            ready, _, _ = select.select([efds[consumer]], [], [], 5.0)
+            if not ready:
+                os._exit(1)
+            os.eventfd_read(efds[consumer])
+            look = arena.take_marks(consumer)
+        os._exit(0)
+    writers = [ring.RingWriter(arena, s, [consumer], sendfile=False,
+                               punch_block=arena.capacity // 2, kick=kick) for s in slots]
+    lost = 0
+    for i in range(1, rounds + 1):
+        for w in writers:
+            w.publish(i)
+        if not all(_produce_until(w, efds[producer], i) for w in writers):
+            lost += 1
+            break
+    _, status = os.waitpid(pid, 0)
+    assert lost == 0 and os.waitstatus_to_exitcode(status) == 0
+    assert [arena.load(ring.SlotFields(arena, s).cursor(consumer)) for s in slots] == \
+        [rounds, rounds]
+    for efd in efds:
+        os.close(efd)
+
+
+def test_marks_name_each_slot_once_and_are_cleared_by_taking(arena):
+    arena.mark(1, 1)
+    arena.mark(1, 0)
+    arena.mark(1, 1)
+    arena.mark(2, 1)
+    assert arena.take_marks(1) == [0, 1]
+    assert arena.take_marks(1) == []
+    assert arena.take_marks(2) == [1]
+    assert arena.take_marks(0) == []
