@@ -224,8 +224,11 @@ class ReceiverGroup:
     def _send(self, r: Receiver, tail: int) -> None:
         try:
             if r.head:
-                sent = r.sock.send(r.head)
-                r.head = r.head[sent:]
+                if not (self.sendfile or r.in_file or r.deframe) and r.cursor < tail:
+                    self._send_head_and_bytes(r, tail)
+                else:
+                    sent = r.sock.send(r.head)
+                    r.head = r.head[sent:]
                 if r.head:
                     self._block(r)
                     return
@@ -244,6 +247,16 @@ class ReceiverGroup:
             self._block(r)
         except OSError:
             self._finish(r, ok=False)
+
+    def _send_head_and_bytes(self, r: Receiver, tail: int) -> None:
+        """The head with the first span of the ring in one send: a small pipe's receiver
+        then costs one segment and one wake-up of its client, not two."""
+        data = self.reader.bytes_at(r.cursor, tail)
+        sent = r.sock.sendmsg([r.head, data])
+        head_sent = min(sent, len(r.head))
+        r.head = r.head[head_sent:]
+        r.cursor += sent - head_sent          # the rest goes on as any span does
+        self.counters.bytes_out += sent - head_sent
 
     def _send_raw(self, r: Receiver, end: int, frame_end: int) -> None:
         """Send r's bytes from its cursor up to min(end, frame_end), one span per call."""

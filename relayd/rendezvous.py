@@ -166,16 +166,17 @@ class Registry:
         self.transfers[assigned] = pipe
         if pipe.transmit == "splice":
             return self._start_splice(pipe)
-        out: Outbox = []
         by_worker: dict[int, list[int]] = {}
         for w, c in pipe.receivers:
             by_worker.setdefault(w, []).append(c)
+        # The sender first: a worker that holds both ends then has the bytes that came with
+        # the head in the ring when its receivers start, and sends each its head with them.
+        sw, sc = pipe.sender
+        out: Outbox = [(sw, control.StartSender(sc, pipe.slot, pipe.gen, pipe.transmit, pipe.n,
+                                                sorted(by_worker)))]
         for w, conns in by_worker.items():
             out.append((w, control.StartReceivers(pipe.slot, pipe.gen, pipe.transmit, conns,
                                                   pipe.sender_info)))
-        sw, sc = pipe.sender
-        out.append((sw, control.StartSender(sc, pipe.slot, pipe.gen, pipe.transmit, pipe.n,
-                                            sorted(by_worker))))
         return out
 
     def _start_queued(self) -> Outbox:
@@ -343,6 +344,7 @@ class Registry:
                     if self.arena.load(f.state) == ring.STREAMING:
                         self.arena.store(f.state, ring.ABORTED)
                     for w in {w for w, _ in pipe.receivers}:
+                        self.arena.mark(w, slot)
                         self.kick(w)
                 out += self.sender_lost(worker, slot, gen, Outcome.WORKER_DIED,
                                         "the sender's worker died")
@@ -350,6 +352,7 @@ class Registry:
             if mine and in_ring:
                 self.arena.store(f.cursor(worker), ring.NONE)
                 self.arena.store(f.file_cursor(worker), ring.NONE)
+                self.arena.mark(pipe.sender[0], slot)
                 self.kick(pipe.sender[0])
             for conn in mine:
                 out += self.receiver_ended(worker, slot, gen, conn, ok=False)

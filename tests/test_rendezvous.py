@@ -176,8 +176,10 @@ def test_slot_fields_are_initialised_before_the_start_messages_are_returned(
         expected = 0 if w in receiver_workers else ring.NONE
         assert arena.load(f.cursor(w)) == expected, f"cursor[{w}]"
         assert arena.load(f.waiting(w)) == 0, f"waiting[{w}]"
-    assert [m[0] for _, m in out] == ["start_receivers"] * len(set(receiver_workers)) + \
-        ["start_sender"]
+    # The sender first: a worker holding both ends has the head's bytes in the ring when
+    # its receivers start (they get their head and those bytes in one send).
+    assert [m[0] for _, m in out] == ["start_sender"] + \
+        ["start_receivers"] * len(set(receiver_workers))
 
 
 def test_a_reassigned_slot_gets_a_new_generation(arena, registry):
