@@ -46,6 +46,8 @@ class Phase(enum.Enum):
     CLOSING = "closing"         # the last response is going out; input is drained
     CLOSED = "closed"
 
+    __hash__ = object.__hash__  # members are singletons; Enum's own hash runs Python code
+
 
 class Move(enum.Enum):
     joined = "joined"
@@ -53,6 +55,8 @@ class Move(enum.Enum):
     attached = "attached"
     closing = "closing"
     closed = "closed"
+
+    __hash__ = object.__hash__
 
 
 P, M = Phase, Move
@@ -115,6 +119,7 @@ class Connection:
         self.url = b""
         self.method = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        self.header_bytes = 0
         self.head_bytes = 0
         self.headers_done = False
         self.message_done = False
@@ -216,10 +221,11 @@ class Connection:
         if self.role is not None:
             return
         self.headers.append((name.lower(), value))
+        self.header_bytes += len(name) + len(value) + 4
         c = self.config
         if len(self.headers) > c.max_header_count:
             raise HttpError(431, f"more than {c.max_header_count} header fields")
-        if sum(len(k) + len(v) + 4 for k, v in self.headers) > c.max_header_bytes:
+        if self.header_bytes > c.max_header_bytes:
             raise HttpError(431, f"header fields exceed {c.max_header_bytes} bytes")
 
     def on_headers_complete(self) -> None:
@@ -476,6 +482,7 @@ class Connection:
         self.fd = -1
         self.parser = None
         self.stream = None
+        self.gone = None
         return fd
 
     def close(self, reset: bool = False) -> None:
@@ -498,10 +505,12 @@ class Connection:
                 pass
         self.sock.close()
         self.fd = -1
-        # The parser holds this connection as its protocol: break the cycle so the pair is
-        # freed now, not at the collector's next full pass.
+        # The parser holds this connection as its protocol, and a stream's `gone` callback
+        # holds the stream that holds it: break the cycles so they are freed now, not by the
+        # cyclic collector (whose full passes cost a worker tens of ms after a crowd).
         self.parser = None
         self.stream = None
+        self.gone = None
 
     # -- timers ----------------------------------------------------------------------------
     def _arm_timer(self, seconds: float, callback) -> None:

@@ -23,6 +23,8 @@ from relayd.http import (PIPE_METHODS_ALLOW, RESERVED_PATHS, TEXT, HttpError, pa
 
 # Headers a sender may pass on to its receivers (besides Content-Type and Content-Length).
 FORWARDED_HEADERS = (b"content-disposition",)
+ROUTED_HEADERS = frozenset((b"host", b"transfer-encoding", b"content-length", b"expect",
+                            b"upgrade"))
 CORS_PIPE = (b"Access-Control-Allow-Methods: GET, PUT, POST, OPTIONS\r\n"
              b"Access-Control-Allow-Headers: Content-Type, Content-Disposition, X-Piping\r\n"
              b"Access-Control-Max-Age: 86400\r\n")
@@ -42,6 +44,14 @@ class Request:
 
     def values(self, name: bytes) -> list[bytes]:
         return [v for k, v in self.headers if k == name]
+
+    def routed(self) -> dict[bytes, list[bytes]]:
+        """The values of the headers routing decides on, by name, in one pass."""
+        found: dict[bytes, list[bytes]] = {}
+        for k, v in self.headers:
+            if k in ROUTED_HEADERS:
+                found.setdefault(k, []).append(v)
+        return found
 
 
 class Reply(NamedTuple):
@@ -81,14 +91,15 @@ def route(request: Request, site: Site) -> Reply | PipeRequest:
         raise HttpError(505, f"HTTP/{request.version} is not supported; use HTTP/1.1")
     if method == b"CONNECT":
         raise HttpError(405, "CONNECT is not supported", PIPE_METHODS_ALLOW)
-    hosts = request.values(b"host")
+    headers = request.routed()
+    hosts = headers.get(b"host", ())
     if len(hosts) > 1 or (request.version == "1.1" and not hosts):
         raise HttpError(400, "an HTTP/1.1 request needs exactly one Host header")
-    te = [v.strip().lower() for v in request.values(b"transfer-encoding")]
+    te = [v.strip().lower() for v in headers.get(b"transfer-encoding", ())]
     if te and te != [b"chunked"]:
         raise HttpError(501, "only Transfer-Encoding: chunked is supported")
-    cl = request.values(b"content-length")
-    expect = [v.strip().lower() for v in request.values(b"expect")]
+    cl = headers.get(b"content-length")
+    expect = [v.strip().lower() for v in headers.get(b"expect", ())]
     if expect and expect != [b"100-continue"]:
         raise HttpError(417, "only Expect: 100-continue is supported")
     try:
@@ -114,7 +125,7 @@ def route(request: Request, site: Site) -> Reply | PipeRequest:
             raise HttpError(decision.status, decision.reason, decision.headers)
     if role == "receiver":
         return PipeRequest("receiver", path, n, None, None, False, None, False)
-    if request.values(b"upgrade"):
+    if b"upgrade" in headers:
         raise HttpError(400, "a sender cannot ask for a protocol upgrade")
     chunked = bool(te)
     length = None if chunked else (int(cl[0]) if cl else 0)      # llhttp validated it
