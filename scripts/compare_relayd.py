@@ -2,16 +2,19 @@
 """relayd beside itself: one throughput workload, several sets of relayd options, interleaved.
 
     scripts/compare_relayd.py --n 50 --mib 64 --repeat 4 "" "--spill-dir /dev/shm"
+    scripts/compare_relayd.py --token-pipes 1000 --n 2 --repeat 3 repo=/tmp/before ""
 
 Each positional argument is one set of extra relayd options ("" = the defaults); a set that
 begins with `repo=PATH` runs the relayd of another checkout (e.g. a `git worktree` of an
-older commit: before and after a change, in one sitting). Every set
-gets its own relayd (one worker per CPU unless --workers), started once; each repeat runs
-the throughput workload of scripts/bench on every set in turn, each run once every relayd
-is idle (1 `curl -T -` producer, N receivers over one Python process per usable core, every
-byte of every receiver compared with the payload), so noise hits all sets alike. Prints median GB/s and server CPU-seconds
-per delivered GB, min–max, and the ratio of each set to the first. The question-sized
-companion of scripts/bench: no peers.
+older commit: before and after a change, in one sitting). Every set gets its own relayd (one
+worker per CPU unless --workers), started once; each repeat runs one workload on every set
+in turn, each run once every relayd is idle, so noise hits all sets alike. The default
+workload is scripts/bench's throughput (1 `curl -T -` producer, N receivers over one Python
+process per usable core, every byte of every receiver compared with the payload): median
+GB/s and server CPU-seconds per delivered GB, min–max, and each set's ratio to the first.
+`--latency` runs the latency workload instead, `--token-pipes P` many concurrent token
+streams (bench_lib/tokenpipes.py: server CPU per line). The question-sized companion of
+scripts/bench: no peers.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_lib import payload, servers, workloads  # noqa: E402
+from bench_lib import payload, servers, tokenpipes, workloads  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LATENCY_LINES, LATENCY_RATE, LATENCY_WARMUP = 1000, 200, 20   # as scripts/bench's full run
@@ -45,6 +48,9 @@ def main() -> int:
                     help="the producer uploads a file (curl -T FILE) instead of stdin (chunked)")
     ap.add_argument("--latency", action="store_true",
                     help="the latency workload instead (paced lines to N receivers: p50/p99)")
+    ap.add_argument("--token-pipes", type=int, metavar="P",
+                    help="P concurrent pipes of N receivers, each producer sending a 100-byte "
+                         "line every 50 ms for 4 s: server CPU per line (bench_lib/tokenpipes)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="compare-relayd-") as work, \
             contextlib.ExitStack() as stack:
@@ -60,6 +66,13 @@ def main() -> int:
         for repeat in range(args.repeat):
             for relay in relays:
                 servers.settle(relays)
+                if args.token_pipes:
+                    figures = tokenpipes.run_token_pipes(relay, args.token_pipes, args.n, 0.05,
+                                                         4.0, f"tok{repeat}")
+                    runs[relay.name].append(figures)
+                    print(f"run {repeat + 1} {relay.name}: {figures['CPU us/line']:.1f} CPU-us "
+                          f"per line ({figures['lines']} lines)", flush=True)
+                    continue
                 if args.latency:
                     figures = workloads.run_latency(relay, args.n, LATENCY_LINES, LATENCY_RATE,
                                                     LATENCY_WARMUP)
@@ -72,6 +85,17 @@ def main() -> int:
                 runs[relay.name].append(figures)
                 print(f"run {repeat + 1} {relay.name}: {figures['GB/s']:.3f} GB/s, "
                       f"{figures['CPU s/GB']:.3f} CPU-s/GB", flush=True)
+    if args.token_pipes:
+        print(f"\n{args.token_pipes} token pipes x N = {args.n}, a line per pipe every 50 ms, "
+              f"{args.workers} workers, medians of {args.repeat}")
+        base = None
+        for name, figures in runs.items():
+            us = [f["CPU us/line"] for f in figures]
+            med = statistics.median(us)
+            base = base or med
+            print(f"{name:40} {med:.1f} CPU-us per line ({min(us):.1f}–{max(us):.1f})  "
+                  f"ratio {ratio(med, base)}")
+        return 0
     if args.latency:
         print(f"\nlatency N = {args.n}, {LATENCY_LINES} lines at {LATENCY_RATE}/s, "
               f"{args.workers} workers, medians of {args.repeat}")

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -29,6 +30,7 @@ PIPE_SERVERS = ("relayd", "piping-server")
 EXPECTED_ROWS = {
     ("throughput", "N=1, 4 MiB", "GB/s"), ("throughput", "N=1, 4 MiB", "CPU s/GB"),
     ("throughput", "N=50, 4 MiB", "GB/s"), ("throughput", "N=50, 4 MiB", "CPU s/GB"),
+    ("throughput", "N=1, 4 MiB", "producer CPU s/GB"),
     ("latency", "N=50, 200 lines", "p50 ms"), ("latency", "N=50, 200 lines", "p99 ms"),
     ("latency", "N=50, 200 lines", "lines lost"),
     ("slow", "fits: 256 KiB", "ratio"), ("slow", "30×: 7.5 MiB", "ratio"),
@@ -147,6 +149,9 @@ def test_quick_bench_verifies_every_receiver_and_reports_every_row(bench_servers
                  "manypipes": PIPE_SERVERS + ("nginx",),
                  "transmit": ("relayd copy", "relayd sendfile", "relayd auto")
                  }.get(workload, PIPE_SERVERS)
+        if metric == "producer CPU s/GB":
+            assert row["servers"]["nginx"] is None       # it has no producer
+            names = PIPE_SERVERS
         for name in names:
             assert isinstance(row["servers"][name], dict), (workload, case, metric, name)
         if metric == "lines lost":
@@ -157,6 +162,39 @@ def test_quick_bench_verifies_every_receiver_and_reports_every_row(bench_servers
     assert "== throughput" in done.stdout and "relayd/nginx" in done.stdout
     assert document["meta"]["clients"]["receiver_check"] == "compare"
     assert "every body byte compared with the payload file" in done.stdout
+
+
+def test_compare_relayd_token_pipes_checks_every_line_and_reports_cpu_per_line():
+    """scripts/compare_relayd.py --token-pipes: concurrent chunked pipes whose every
+    receiver must get every line of its own pipe, in order, before a figure is printed."""
+    script = os.path.join(REPO_ROOT, "scripts", "compare_relayd.py")
+    done = subprocess.run([sys.executable, script, "--token-pipes", "3", "--n", "2",
+                           "--repeat", "1", ""], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "3 token pipes x N = 2" in done.stdout
+    assert "CPU-us per line" in done.stdout.split("medians of 1\n")[1]
+
+
+def test_token_pipes_name_a_receiver_that_misses_a_line():
+    """The workload's check: a receiver whose body lacks its pipe's second line, or whose
+    body never ended, is named; one with exactly its lines passes."""
+    from bench_lib import tokenpipes
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+    def chunk(data):
+        return b"%x\r\n%s\r\n" % (len(data), data)
+
+    a, b = socket.socketpair()
+    with a, b:
+        whole, short, unended = (tokenpipes.Receiver(a, 7) for _ in range(3))
+        whole.decoder.feed(head + chunk(tokenpipes.line(7, 0)) + chunk(tokenpipes.line(7, 1))
+                           + b"0\r\n\r\n")
+        short.decoder.feed(head + chunk(tokenpipes.line(7, 0)) + b"0\r\n\r\n")
+        unended.decoder.feed(head + chunk(tokenpipes.line(7, 0)) + chunk(tokenpipes.line(7, 1)))
+        tokenpipes.verify([whole], 2)
+        for bad in (short, unended):
+            with pytest.raises(tokenpipes.WorkloadError, match="1/2 receivers without"):
+                tokenpipes.verify([whole, bad], 2)
 
 
 def test_compare_relayd_runs_each_option_set_and_reports_it():

@@ -13,6 +13,7 @@ for byte against the payload file; sha256: hashed).
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -206,14 +207,25 @@ class CurlProducer:
                 preexec_fn=die_with_parent)
         # Drained in a thread so curl never blocks on the progress lines it prints.
         self.output = {}
+        self.cpu_s = None                 # curl's user + system seconds, once it has exited
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
     def _read(self):
-        self.output["stdout"], self.output["stderr"] = self.process.communicate()
+        # Not communicate(): it would reap curl, and wait4 is where its CPU time comes from.
+        err = []
+        stderr = threading.Thread(target=lambda: err.append(self.process.stderr.read()),
+                                  daemon=True)
+        stderr.start()
+        self.output["stdout"] = self.process.stdout.read()
+        stderr.join()
+        self.output["stderr"] = err[0] if err else b""
+        _, status, usage = os.wait4(self.process.pid, 0)
+        self.cpu_s = usage.ru_utime + usage.ru_stime
+        self.process.returncode = os.waitstatus_to_exitcode(status)
 
     def failed(self):
-        return self.process.poll() not in (None, 0)
+        return self.process.returncode not in (None, 0)    # set by _read once curl exits
 
     def finish(self):
         """Wait for curl; WorkloadError if it fails or outlives the deadline."""
@@ -226,8 +238,11 @@ class CurlProducer:
                                 f"{self.output['stderr'][-300:]!r}")
 
     def kill(self):
-        if self.process.poll() is None:
-            self.process.kill()
+        if self.process.returncode is None:
+            try:
+                os.kill(self.process.pid, signal.SIGKILL)   # not Popen's: it would reap curl
+            except ProcessLookupError:
+                pass
         self.reader.join()
 
 
@@ -235,7 +250,7 @@ def produce_and_receive(server, target, payload, fast, deadline_s, slow=(),
                         content_length=False):
     """Start the curl producer (if any), collect the fast clients' RESULT, then LIFT the slow
     ones' throttle and collect theirs. Returns every receiver's outcome, by index, and the
-    receivers' own CPU seconds."""
+    receivers' own CPU seconds and the producer's (None without one)."""
     producer = (CurlProducer(server, target, payload, deadline_s, content_length)
                 if server.has_producer else None)
     try:
@@ -259,7 +274,8 @@ def produce_and_receive(server, target, payload, fast, deadline_s, slow=(),
                 verify(outcomes, payload.size, payload.sha256,
                        f"{server.name} (after: {producer_failure})")
                 raise
-        return outcomes, sum(result["client_cpu_s"] for result in results)
+        return (outcomes, sum(result["client_cpu_s"] for result in results),
+                producer.cpu_s if producer is not None else None)
     finally:
         for client in (*fast, *slow):
             client.kill()
@@ -308,17 +324,22 @@ def run_throughput(server, payload, n, clients=Clients(), content_length=False):
     cpu_before = server.cpu_seconds()
     receivers = Receivers(server, target, [(count, []) for count in spread(n, clients.processes)],
                           deadline_s, clients, payload)
-    outcomes, client_cpu_s = produce_and_receive(server, target, payload, receivers.processes,
-                                                 deadline_s, content_length=content_length)
+    outcomes, client_cpu_s, producer_cpu_s = produce_and_receive(
+        server, target, payload, receivers.processes, deadline_s, content_length=content_length)
     cpu_used = server.cpu_seconds() - cpu_before
     server.check_alive()
     verify(outcomes, payload.size, payload.sha256, f"{server.name} throughput n={n}")
     delivered = sum(r["bytes"] for r in outcomes)
     elapsed_s = (max(r["t_done_ns"] for r in outcomes)
                  - min(r["t_connect_ns"] for r in outcomes)) / 1e9
-    return {"GB/s": delivered / elapsed_s / GB, "CPU s/GB": cpu_used / (delivered / GB),
-            "delivered_bytes": delivered, "elapsed_s": elapsed_s, "cpu_s": cpu_used,
-            "client_processes": len(receivers.processes), "client_cpu_s": client_cpu_s}
+    figures = {"GB/s": delivered / elapsed_s / GB, "CPU s/GB": cpu_used / (delivered / GB),
+               "delivered_bytes": delivered, "elapsed_s": elapsed_s, "cpu_s": cpu_used,
+               "client_processes": len(receivers.processes), "client_cpu_s": client_cpu_s}
+    if producer_cpu_s is not None:
+        # The curl producer shares the machine's cores: with the receivers' CPU it bounds
+        # what any relay can deliver here (docs/performance.md).
+        figures["producer CPU s/GB"] = producer_cpu_s / (delivered / GB)
+    return figures
 
 
 def run_latency(server, n, lines, rate, warmup_lines):
@@ -361,7 +382,7 @@ def run_fast_receivers(server, payload, n, throttle_bps, clients):
     shares = [(1, slow_args)] + [(count, []) for count in spread(n - 1, clients.processes)]
     receivers = Receivers(server, target, shares, deadline_s, clients, payload)
     slow, fast = receivers.processes[:1], receivers.processes[1:]
-    outcomes, _ = produce_and_receive(server, target, payload, fast, deadline_s, slow=slow)
+    outcomes, _, _ = produce_and_receive(server, target, payload, fast, deadline_s, slow=slow)
     server.check_alive()
     verify(outcomes, payload.size, payload.sha256, f"{server.name} slow-receiver n={n}")
     fast_outcomes = outcomes[1:]
