@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""relayd beside itself: one throughput workload, several sets of relayd options, interleaved.
+"""relayd beside itself: one workload, several sets of relayd options, interleaved.
 
     scripts/compare_relayd.py --n 50 --mib 64 --repeat 4 "" "--spill-dir /dev/shm"
     scripts/compare_relayd.py --token-pipes 1000 --n 2 --repeat 3 repo=/tmp/before ""
+    scripts/compare_relayd.py --many-pipes 2000 --n 4 --repeat 6 repo=/tmp/before ""
 
 Each positional argument is one set of extra relayd options ("" = the defaults); a set that
 begins with `repo=PATH` runs the relayd of another checkout (e.g. a `git worktree` of an
@@ -12,9 +13,9 @@ in turn, each run once every relayd is idle, so noise hits all sets alike. The d
 workload is scripts/bench's throughput (1 `curl -T -` producer, N receivers over one Python
 process per usable core, every byte of every receiver compared with the payload): median
 GB/s and server CPU-seconds per delivered GB, min–max, and each set's ratio to the first.
-`--latency` runs the latency workload instead, `--token-pipes P` many concurrent token
-streams (bench_lib/tokenpipes.py: server CPU per line). The question-sized companion of
-scripts/bench: no peers.
+`--latency` runs the latency workload instead, `--many-pipes P` scripts/bench's manypipes
+(CPU ms per pipe), `--token-pipes P` many concurrent token streams (bench_lib/tokenpipes.py:
+server CPU per line). The question-sized companion of scripts/bench: no peers.
 """
 from __future__ import annotations
 
@@ -48,13 +49,18 @@ def main() -> int:
                     help="the producer uploads a file (curl -T FILE) instead of stdin (chunked)")
     ap.add_argument("--latency", action="store_true",
                     help="the latency workload instead (paced lines to N receivers: p50/p99)")
+    ap.add_argument("--many-pipes", type=int, metavar="P",
+                    help="scripts/bench's manypipes workload: P concurrent pipes of N "
+                         "receivers, --pipe-kib each (Content-Length): server CPU ms per pipe")
+    ap.add_argument("--pipe-kib", type=int, default=1, help="with --many-pipes (default 1)")
     ap.add_argument("--token-pipes", type=int, metavar="P",
                     help="P concurrent pipes of N receivers, each producer sending a 100-byte "
                          "line every 50 ms for 4 s: server CPU per line (bench_lib/tokenpipes)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="compare-relayd-") as work, \
             contextlib.ExitStack() as stack:
-        data = payload.PayloadCache(work).get(args.mib << 20)
+        size = (args.many_pipes * args.pipe_kib << 10) if args.many_pipes else args.mib << 20
+        data = payload.PayloadCache(work).get(size)
         relays = []
         for o in args.options:
             words, repo = shlex.split(o), REPO
@@ -66,6 +72,13 @@ def main() -> int:
         for repeat in range(args.repeat):
             for relay in relays:
                 servers.settle(relays)
+                if args.many_pipes:
+                    figures = workloads.run_many_pipes(relay, data, args.many_pipes, args.n)
+                    runs[relay.name].append(figures)
+                    print(f"run {repeat + 1} {relay.name}: {figures['CPU ms/pipe']:.3f} CPU-ms "
+                          f"per pipe, {figures['receivers refused']} receivers refused",
+                          flush=True)
+                    continue
                 if args.token_pipes:
                     figures = tokenpipes.run_token_pipes(relay, args.token_pipes, args.n, 0.05,
                                                          4.0, f"tok{repeat}")
@@ -85,6 +98,17 @@ def main() -> int:
                 runs[relay.name].append(figures)
                 print(f"run {repeat + 1} {relay.name}: {figures['GB/s']:.3f} GB/s, "
                       f"{figures['CPU s/GB']:.3f} CPU-s/GB", flush=True)
+    if args.many_pipes:
+        print(f"\n{args.many_pipes} pipes x N = {args.n}, {args.pipe_kib} KiB each, "
+              f"{args.workers} workers, medians of {args.repeat}")
+        base = None
+        for name, figures in runs.items():
+            ms = [f["CPU ms/pipe"] for f in figures]
+            med = statistics.median(ms)
+            base = base or med
+            print(f"{name:40} {med:.3f} CPU-ms per pipe ({min(ms):.3f}–{max(ms):.3f})  "
+                  f"ratio {ratio(med, base)}")
+        return 0
     if args.token_pipes:
         print(f"\n{args.token_pipes} token pipes x N = {args.n}, a line per pipe every 50 ms, "
               f"{args.workers} workers, medians of {args.repeat}")

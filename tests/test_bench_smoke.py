@@ -164,6 +164,15 @@ def test_quick_bench_verifies_every_receiver_and_reports_every_row(bench_servers
     assert "every body byte compared with the payload file" in done.stdout
 
 
+def test_compare_relayd_many_pipes_reports_cpu_per_pipe():
+    script = os.path.join(REPO_ROOT, "scripts", "compare_relayd.py")
+    done = subprocess.run([sys.executable, script, "--many-pipes", "8", "--n", "2",
+                           "--repeat", "1", ""], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "0 receivers refused" in done.stdout
+    assert "CPU-ms per pipe" in done.stdout.split("medians of 1\n")[1]
+
+
 def test_compare_relayd_token_pipes_checks_every_line_and_reports_cpu_per_line():
     """scripts/compare_relayd.py --token-pipes: concurrent chunked pipes whose every
     receiver must get every line of its own pipe, in order, before a figure is printed."""
