@@ -47,7 +47,7 @@ class Config:
     keepalive_timeout_s: float = 15.0
     rendezvous_timeout_s: float = 300.0      # a pipe nobody completes does not live forever
     graceful_timeout_s: float = 30.0
-    receiver_stall_timeout_s: float = 60.0   # unsent bytes and no progress: close (nginx send_timeout)
+    receiver_stall_timeout_s: float = 60.0   # unsent bytes, no progress: close (send_timeout)
     # A model may load for minutes before its first token: senders get longer than receivers.
     sender_idle_timeout_s: float = 300.0
     worker_timeout_s: float = 30.0           # no heartbeat for this long: kill and replace
@@ -99,7 +99,8 @@ class Config:
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"--log-format {self.log_format}: must be text or json")
         if self.transmit not in TRANSMIT_MODES:
-            raise ConfigError(f"--transmit {self.transmit}: must be one of {', '.join(TRANSMIT_MODES)}")
+            raise ConfigError(f"--transmit {self.transmit}: must be one of "
+                              f"{', '.join(TRANSMIT_MODES)}")
         if not 1 <= self.sendfile_from_n <= MAX_RECEIVERS + 1:
             raise ConfigError(f"--sendfile-from-n {self.sendfile_from_n}: must be 1..257")
         for name in ("head_timeout_s", "keepalive_timeout_s", "rendezvous_timeout_s",

@@ -427,7 +427,8 @@ class Supervisor:
         if ":" in shown:
             shown = f"[{shown}]"
         url = f"http://{shown}:{self.port}"
-        print(f"relayd {__version__} listening on http://{c.host if ':' not in c.host else '[' + c.host + ']'}"
+        host = c.host if ":" not in c.host else f"[{c.host}]"
+        print(f"relayd {__version__} listening on http://{host}"
               f":{self.port} ({c.workers} worker{'s' if c.workers != 1 else ''}, "
               f"window {c.window // 1024} KiB, transmit {c.transmit})", flush=True)
         print(f"  try: seq 1000000 | curl -T - '{url}/hello?n=2'   and twice:   "

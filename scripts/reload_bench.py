@@ -676,7 +676,8 @@ def main() -> int:
     for v in ("wrong", "short", "refused"):
         for p, r in receivers:
             if r.verdict == v:
-                failures.append(f"receiver {v}: {p.kind} pipe {p.path} ({'chunked' if p.chunked else 'Content-Length'}): {r.detail}")
+                framing = "chunked" if p.chunked else "Content-Length"
+                failures.append(f"receiver {v}: {p.kind} pipe {p.path} ({framing}): {r.detail}")
     for p in pipes:
         if not p.sender.ok:
             failures.append(f"sender of {p.kind} pipe {p.path}: status {p.sender.status}, "
@@ -751,7 +752,8 @@ def main() -> int:
          f"{'yes' if alive else 'NO'}; {len(log['errors'])}"),
         ("fresh transfer after settling", fresh),
         ("relay CPU seconds (supervisor + all workers)", f"{cpu:.2f}"),
-        ("bench client CPU seconds", f"{(usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime):.2f}"),
+        ("bench client CPU seconds",
+         f"{(usage1.ru_utime + usage1.ru_stime) - (usage0.ru_utime + usage0.ru_stime):.2f}"),
         ("wall seconds (clients start to settled)", f"{wall:.1f}"),
         ("load average before / after (1 min; 2 shared cores)",
          f"{load_before[0]:.2f} / {load_after[0]:.2f}"),

@@ -4,54 +4,99 @@ by recv_into + send to each, or by splice into a pipe + tee(2) into a second + s
 each. Prints the relaying thread's CPU per delivered GB and the rate, alternating, twice.
 It answered whether tee() is worth bringing every receiver of a small-n pipe into the
 sender's worker (docs/performance.md): not by itself."""
-import os, socket, threading, resource, fcntl, time, ctypes
-libc = ctypes.CDLL(None, use_errno=True)
-def tee(a, b, n):
-    r = libc.tee(a, b, ctypes.c_size_t(n), 0)
-    if r < 0: raise OSError(ctypes.get_errno(), "tee")
-    return r
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import resource
+import socket
+import threading
+import time
 
 SIZE = 512 << 20
-def pair():
-    l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen()
-    c = socket.create_connection(l.getsockname()); s, _ = l.accept(); l.close()
-    return c, s
-def producer(sock):
-    buf = os.urandom(1 << 20)
+STEP = 1 << 20
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+def tee(src: int, dst: int, length: int) -> int:
+    moved = libc.tee(src, dst, ctypes.c_size_t(length), 0)
+    if moved < 0:
+        raise OSError(ctypes.get_errno(), "tee")
+    return moved
+
+
+def connected_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    return client, server
+
+
+def produce(sock: socket.socket) -> None:
+    data = os.urandom(STEP)
     sent = 0
     while sent < SIZE:
-        sent += sock.send(buf)
+        sent += sock.send(data)
     sock.shutdown(socket.SHUT_WR)
-def consumer(sock):
-    buf = bytearray(1 << 20)
-    while sock.recv_into(buf): pass
-def run(mode):
-    src_c, src = pair(); outs = [pair() for _ in range(2)]
-    threads = [threading.Thread(target=producer, args=(src_c,))] + [threading.Thread(target=consumer, args=(o[1],)) for o in outs]
-    for t in threads: t.start()
-    dsts = [o[0] for o in outs]
-    r0 = resource.getrusage(resource.RUSAGE_THREAD); t0 = time.time()
-    if mode == "copy":
-        buf = bytearray(1 << 20); mv = memoryview(buf)
-        while True:
-            n = src.recv_into(buf)
-            if not n: break
-            for d in dsts: d.sendall(mv[:n])
-    else:
-        p1r, p1w = os.pipe(); p2r, p2w = os.pipe()
-        for fd in (p1w, p2w): fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
-        while True:
-            n = os.splice(src.fileno(), p1w, 1 << 20)
-            if not n: break
+
+
+def consume(sock: socket.socket) -> None:
+    buf = bytearray(STEP)
+    while sock.recv_into(buf):
+        pass
+
+
+def relay_by_copy(src: socket.socket, dsts: list[socket.socket]) -> None:
+    buf = bytearray(STEP)
+    view = memoryview(buf)
+    while n := src.recv_into(buf):
+        for dst in dsts:
+            dst.sendall(view[:n])
+
+
+def relay_by_tee(src: socket.socket, dsts: list[socket.socket]) -> None:
+    first_r, first_w = os.pipe()
+    second_r, second_w = os.pipe()
+    for fd in (first_w, second_w):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, STEP)
+    while n := os.splice(src.fileno(), first_w, STEP):
+        left = n
+        while left:                       # blocking pipes: a short tee just goes again
+            left -= tee(first_r, second_w, left)
+        for pipe_r, dst in ((first_r, dsts[0]), (second_r, dsts[1])):
             left = n
             while left:
-                left -= tee(p1r, p2w, left)   # blocking pipes: fine here
-            for pr, d in ((p1r, dsts[0]), (p2r, dsts[1])):
-                left = n
-                while left: left -= os.splice(pr, d.fileno(), left)
-    r1 = resource.getrusage(resource.RUSAGE_THREAD); dt = time.time() - t0
-    for d in dsts: d.shutdown(socket.SHUT_WR)
-    for t in threads: t.join()
+                left -= os.splice(pipe_r, dst.fileno(), left)
+    for fd in (first_r, first_w, second_r, second_w):
+        os.close(fd)
+
+
+def run(mode: str) -> None:
+    sender, src = connected_pair()
+    outs = [connected_pair() for _ in range(2)]
+    threads = [threading.Thread(target=produce, args=(sender,))]
+    threads += [threading.Thread(target=consume, args=(out[1],)) for out in outs]
+    for t in threads:
+        t.start()
+    dsts = [out[0] for out in outs]
+    before, start = resource.getrusage(resource.RUSAGE_THREAD), time.monotonic()
+    (relay_by_copy if mode == "copy" else relay_by_tee)(src, dsts)
+    after, elapsed = resource.getrusage(resource.RUSAGE_THREAD), time.monotonic() - start
+    for dst in dsts:
+        dst.shutdown(socket.SHUT_WR)
+    for t in threads:
+        t.join()
+    for sock in [sender, src, *dsts, *(out[1] for out in outs)]:
+        sock.close()
     gb = 2 * SIZE / 1e9
-    print(f"{mode:6} relay thread: sys {(r1.ru_stime-r0.ru_stime)/gb:.3f} user {(r1.ru_utime-r0.ru_utime)/gb:.3f} s per delivered GB, {gb/dt:.2f} GB/s")
-for m in ("copy", "tee", "copy", "tee"): run(m)
+    print(f"{mode:6} relay thread: sys {(after.ru_stime - before.ru_stime) / gb:.3f} "
+          f"user {(after.ru_utime - before.ru_utime) / gb:.3f} s per delivered GB, "
+          f"{gb / elapsed:.2f} GB/s")
+
+
+if __name__ == "__main__":
+    for mode in ("copy", "tee", "copy", "tee"):
+        run(mode)

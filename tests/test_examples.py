@@ -94,7 +94,8 @@ def test_eight_embedding_consumers_each_get_vectors_bit_identical_to_a_direct_co
     outputs = consumer_outputs(out)
     assert [expected in output for output in outputs] == [True] * EMBEDDING_CONSUMERS, outputs
     assert expected.split("sha256 ")[1] in (out / "producer.txt").read_text()
-    assert f"{EMBEDDING_CONSUMERS} of {EMBEDDING_CONSUMERS} consumers' vectors are bit-identical" in stdout
+    assert (f"{EMBEDDING_CONSUMERS} of {EMBEDDING_CONSUMERS} consumers' vectors are "
+            "bit-identical") in stdout
 
 
 def test_each_embedding_consumer_ranks_its_own_query_as_a_direct_computation_does(
@@ -111,12 +112,14 @@ def test_each_embedding_consumer_ranks_its_own_query_as_a_direct_computation_doe
     assert len(queries) == EMBEDDING_CONSUMERS     # each its own query
 
 
-def test_embedding_producer_reports_what_its_one_pass_cost_and_reaches_all_consumers(embeddings_run):
+def test_embedding_producer_reports_what_its_one_pass_cost_and_reaches_all_consumers(
+        embeddings_run):
     _, out = embeddings_run
     report = (out / "producer.txt").read_text()
     assert re.search(r"300 items x 384 dims embedded once: model load .* s wall, .* CPU-s; "
                      r"embedding pass .* s wall, .* CPU-s", report), report
-    assert f"Sent successfully to {EMBEDDING_CONSUMERS} receiver(s)" in (out / "sender.txt").read_text()
+    sent = (out / "sender.txt").read_text()
+    assert f"Sent successfully to {EMBEDDING_CONSUMERS} receiver(s)" in sent
 
 
 # -- token stream ------------------------------------------------------------------------------
@@ -139,7 +142,8 @@ def test_token_stream_workers_each_score_the_answer_as_a_direct_computation_does
     direct = score.summarize(token_producer.tokenize(answer))
     for i in range(1, TOKEN_WORKERS + 1):
         assert (tmp_path / f"worker-{i}.txt").read_text() == f"worker {i}: {direct}\n"
-    assert f"Sent successfully to {TOKEN_WORKERS} receiver(s)" in (tmp_path / "sender.txt").read_text()
+    sent = (tmp_path / "sender.txt").read_text()
+    assert f"Sent successfully to {TOKEN_WORKERS} receiver(s)" in sent
     assert f"{TOKEN_WORKERS} of {TOKEN_WORKERS} workers match the direct computation" in stdout
 
 

@@ -51,7 +51,8 @@ def main() -> None:
     mean_wall, mean_cpu = sum(walls) / len(walls), sum(cpus) / len(cpus)
     print(f"  with the pipe:    1 pass,  {mean_wall:6.2f} s wall, {mean_cpu:6.2f} CPU-s "
           f"(the mean pass above)")
-    print(f"  without the pipe: {args.passes} passes, {sum(walls):6.2f} s wall, {sum(cpus):6.2f} CPU-s")
+    print(f"  without the pipe: {args.passes} passes, {sum(walls):6.2f} s wall, "
+          f"{sum(cpus):6.2f} CPU-s")
     print(f"  saved: {args.passes - 1} passes, {sum(cpus) - mean_cpu:.2f} CPU-s; "
           f"{len(digests)} distinct vector digest(s) across the passes")
 

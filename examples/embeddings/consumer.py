@@ -49,7 +49,8 @@ def vectors_digest(rows: list[tuple[str, list[float]]]) -> str:
     return digest.hexdigest()
 
 
-def most_like(rows: list[tuple[str, list[float]]], query_id: str, top: int) -> list[tuple[float, str]]:
+def most_like(rows: list[tuple[str, list[float]]], query_id: str,
+              top: int) -> list[tuple[float, str]]:
     """[(score, id)], best first: cosine similarity to query_id (the vectors are unit length)."""
     vectors = dict(rows)
     query = vectors[query_id]

@@ -73,7 +73,8 @@ def main() -> None:
         out.write(json.dumps({"id": item_id, "vector": vector}) + "\n")
     out.flush()
     print(f"producer: {len(items)} items x {vectors.shape[1]} dims embedded once: "
-          f"model load (torch import, weights) {wall1 - wall0:.2f} s wall, {cpu1 - cpu0:.2f} CPU-s; "
+          f"model load (torch import, weights) {wall1 - wall0:.2f} s wall, "
+          f"{cpu1 - cpu0:.2f} CPU-s; "
           f"embedding pass {wall2 - wall1:.2f} s wall, {cpu2 - cpu1:.2f} CPU-s; "
           f"vectors sha256 {vectors_digest(rows)}", file=sys.stderr)
 

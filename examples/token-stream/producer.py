@@ -29,7 +29,8 @@ from pathlib import Path
 DEFAULT_ANSWER = Path(__file__).with_name("answer.txt")
 # GPT-2's split, with Python's classes: letters, digits, anything else that is not
 # whitespace (the underscore too), whitespace. Every character falls in one of them.
-TOKEN_RE = re.compile(r"'(?:s|t|re|ve|m|ll|d)\b| ?[^\W\d_]+| ?\d{1,3}| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+")
+TOKEN_RE = re.compile(r"'(?:s|t|re|ve|m|ll|d)\b| ?[^\W\d_]+| ?\d{1,3}| ?(?:[^\s\w]|_)+"
+                      r"|\s+(?!\S)|\s+")
 READ_BYTES = 4096
 
 
