@@ -135,8 +135,11 @@ class ReceiverGroup:
 
     # -- the pass --------------------------------------------------------------------------
     def on_kick(self) -> None:
+        self.guarded(self._woken)
+
+    def _woken(self) -> None:
         self.reader.sleep_flag(False)
-        self.guarded(self.service)
+        self.service()
 
     def service(self) -> None:
         while True:
@@ -225,7 +228,9 @@ class ReceiverGroup:
         try:
             if r.head:
                 if not (self.sendfile or r.in_file or r.deframe) and r.cursor < tail:
-                    self._send_head_and_bytes(r, tail)
+                    if not self._send_head_and_bytes(r, tail):
+                        self._block(r)
+                        return
                 else:
                     sent = r.sock.send(r.head)
                     r.head = r.head[sent:]
@@ -248,15 +253,18 @@ class ReceiverGroup:
         except OSError:
             self._finish(r, ok=False)
 
-    def _send_head_and_bytes(self, r: Receiver, tail: int) -> None:
+    def _send_head_and_bytes(self, r: Receiver, tail: int) -> bool:
         """The head with the first span of the ring in one send: a small pipe's receiver
-        then costs one segment and one wake-up of its client, not two."""
+        then costs one segment and one wake-up of its client, not two. False if the socket
+        took less than all of it (what is left goes on as any span does)."""
         data = self.reader.bytes_at(r.cursor, tail)
+        offered = len(r.head) + len(data)
         sent = r.sock.sendmsg([r.head, data])
         head_sent = min(sent, len(r.head))
         r.head = r.head[head_sent:]
-        r.cursor += sent - head_sent          # the rest goes on as any span does
+        r.cursor += sent - head_sent
         self.counters.bytes_out += sent - head_sent
+        return sent == offered
 
     def _send_raw(self, r: Receiver, end: int, frame_end: int) -> None:
         """Send r's bytes from its cursor up to min(end, frame_end), one span per call."""

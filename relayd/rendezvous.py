@@ -343,7 +343,7 @@ class Registry:
                 if in_ring:
                     if self.arena.load(f.state) == ring.STREAMING:
                         self.arena.store(f.state, ring.ABORTED)
-                    for w in {w for w, _ in pipe.receivers}:
+                    for w in {w for w, _ in pipe.receivers} - {worker}:
                         self.arena.mark(w, slot)
                         self.kick(w)
                 out += self.sender_lost(worker, slot, gen, Outcome.WORKER_DIED,
@@ -352,8 +352,9 @@ class Registry:
             if mine and in_ring:
                 self.arena.store(f.cursor(worker), ring.NONE)
                 self.arena.store(f.file_cursor(worker), ring.NONE)
-                self.arena.mark(pipe.sender[0], slot)
-                self.kick(pipe.sender[0])
+                if pipe.sender[0] != worker:
+                    self.arena.mark(pipe.sender[0], slot)
+                    self.kick(pipe.sender[0])
             for conn in mine:
                 out += self.receiver_ended(worker, slot, gen, conn, ok=False)
         freed = False

@@ -2,7 +2,8 @@
 orders loads and stores.
 
 One memfd, created by the supervisor before the first fork and mapped (MAP_SHARED) by every
-worker through inheritance. Its bytes, in 64-byte lines of eight little-endian u64:
+worker through inheritance. Its fields are little-endian u64 in 64-byte lines of eight, but
+for the wake marks, a byte each:
 
     | stats: a block per worker index, one for the supervisor (stats.py)     (own pages) |
     | slot table, per slot:                                                  (own pages) |
@@ -15,7 +16,7 @@ worker through inheritance. Its bytes, in 64-byte lines of eight little-endian u
 
 A *position* counts bytes since the pipe began and never wraps; an *offset* is
 `position & (capacity - 1)`. Only this module turns one into the other. Every field has
-exactly one writer:
+exactly one writer, but for the marks:
     gen         the supervisor, each time it assigns the slot (stale messages are ignored)
     tail        the producer's worker: receiver wire bytes published so far
     state       the producer's worker (the supervisor when that worker died)
@@ -29,9 +30,9 @@ exactly one writer:
     cursor[i]   worker i: the lowest position any of its ring readers still needs, or NONE
     waiting[i]  worker i: it has a caught-up receiver of this pipe and sleeps on its eventfd
     file_cursor[i]  worker i: the lowest position of its spill-file readers, or NONE
-    mark[i][slot]   set by whoever kicks worker i about the slot, before the kick; cleared
-                by worker i (then a fence) before it looks at the slot. A kick then costs
-                the parts of the slots it names, not every pipe of the worker.
+    mark[i][slot]   set to 1 by whoever kicks worker i about the slot, before the kick;
+                cleared by worker i (then a fence) before it looks at the slot. A kick then
+                costs the parts of the slots it names, not every pipe of the worker.
 
 Memory ordering (x86-64 TSO only; the supervisor refuses other machines): every load and
 store of those fields goes through `Arena.load`/`store`, 8-byte aligned through a memoryview
@@ -39,6 +40,11 @@ cast, so no store is torn. Data is written before the tail store, the tail befor
 a reader loads state before tail. "Store my flag, then load theirs" needs a full fence on
 both sides, else x86 may reorder them and a wake-up is lost: `fence()` takes and releases a
 lock, whose lock-prefixed instruction is a full barrier.
+
+A mark is a one-byte store through a byte memoryview (`Arena.mark`), never a read-modify-
+write, so kickers setting marks in one row at once cannot undo each other; the worker clears
+only the bytes it saw set. The kick that follows a mark is an `eventfd_write`, a syscall
+that takes a lock in the kernel: the mark is visible before the kick can be counted.
 
 The sendfile hazard (DESIGN): a socket keeps references to the ring pages it sends until
 the peer has read them. So in sendfile mode a block is punched out of the memfd before it is

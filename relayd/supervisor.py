@@ -330,6 +330,7 @@ class Supervisor:
             os.eventfd_read(self.eventfds[handle.index])      # drain stale kicks
         except BlockingIOError:
             pass
+        self.arena.take_marks(handle.index)                   # and their marks
         self.send_all(self.registry.worker_died(handle.index))
 
     def kick(self, index: int) -> None:

@@ -82,6 +82,23 @@ def bind_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
+def kick_marked(arena: ring.Arena, index: int, groups: dict, senders: dict) -> None:
+    """Worker `index` was kicked: run the receiver group and the producer of each slot marked
+    for it -- only those, so a pass costs the pipes that moved, not all of the worker's.
+    The marks are cleared before the parts run, so one part's exception (past its own guard)
+    must not end the loop and spend the other slots' kicks: each part runs on its own. The
+    failed one is looked at again by the tick's pass over every pipe, not re-kicked at once
+    (a part that kept failing would spin the loop)."""
+    for slot in arena.take_marks(index):
+        for part in (groups.get(slot), senders.get(slot)):
+            if part is None:
+                continue
+            try:
+                part.on_kick()
+            except Exception:
+                logs.message(f"worker {index}: error in a kick of slot {slot}: " + trace())
+
+
 def trace() -> str:
     return traceback.format_exc().strip().replace("\n", " | ")
 
@@ -547,14 +564,7 @@ class Worker:
         self.run_marks()
 
     def run_marks(self) -> None:
-        """Only the slots a kick named: a pass costs the pipes that moved, not all of ours."""
-        for slot in self.arena.take_marks(self.index):
-            group = self.groups.get(slot)
-            if group is not None:
-                group.on_kick()
-            stream = self.senders.get(slot)
-            if stream is not None:
-                stream.on_kick()
+        kick_marked(self.arena, self.index, self.groups, self.senders)
 
     # -- observability ---------------------------------------------------------------------
     def count_rejection(self, conn: Connection, status: int, reason: str) -> None:

@@ -11,8 +11,8 @@ socketpairs, the real rendezvous registry -- and no daemon, no worker process, n
 Each `WorkerPart` is what one worker index holds, wired exactly as relayd/worker.py wires it
 (on_start_sender, on_start_receivers, on_kick): Connections built with a Config and
 ConnectionHooks, `group.add(conn)`, SenderStream from `conn.body()`. Every worker
-index has its own eventfd; `kick(w)` writes it and the loop's reader for it runs that index's
-groups and streams, as Worker.on_kick does. Control messages the parts report go, one loop
+index has its own eventfd; `kick(w)` writes it and the loop's reader for it runs the
+worker's own `kick_marked` over that index's groups and streams, as Worker.on_kick does. Control messages the parts report go, one loop
 turn later (as over the control socket), to a real `rendezvous.Registry` -- the supervisor's
 bookkeeping: it initialises the slot (`SlotFields.reset`) before any start, answers
 Finished/AbortSender, and punches the slot on release. Every message is kept in
@@ -54,6 +54,7 @@ from relayd.producer import SenderHooks, SenderState, SenderStream, SpillPlan
 from relayd.rendezvous import Registry
 from relayd.routing import route
 from relayd.spill import SpillBudget
+from relayd.worker import kick_marked
 
 KIB, MIB = 1024, 1024 * 1024
 CAPACITY = 512 * KIB              # the smallest window Config accepts: two punch blocks
@@ -200,13 +201,7 @@ class WorkerPart:
             os.eventfd_read(self.bench.eventfds[self.index])
         except BlockingIOError:
             pass
-        for slot in self.bench.arena.take_marks(self.index):
-            group = self.groups.get(slot)
-            if group is not None:
-                group.on_kick()
-            stream = self.senders.get(slot)
-            if stream is not None:
-                stream.on_kick()
+        kick_marked(self.bench.arena, self.index, self.groups, self.senders)
 
 
 # -- the test's ends of the sockets -----------------------------------------------------------

@@ -374,6 +374,26 @@ def test_a_sender_that_resets_with_megabytes_unread_is_lost_at_once(make_bench):
         assert r.body == body[:len(r.body)]
 
 
+def test_a_short_first_send_of_head_and_bytes_goes_on_exactly_where_it_stopped(make_bench):
+    """Bytes that came with the sender's head are in the ring when the receiver starts, so its
+    head leaves with them in one sendmsg; a socket that takes only part of that (8 KiB send
+    buffer, client not reading) blocks the receiver there, and the rest follows in order."""
+    bench = make_bench(transmit="copy")
+    body = random.Random(5).randbytes(96 * KIB)
+    sender = bench.sender(1, length=len(body), with_head=body[:60 * KIB])
+    peer = bench.receiver(1, worker=0, sndbuf=8 * KIB)
+    peer.stall()
+    bench.run_until(lambda: peer.receiver is not None and peer.receiver.blocked,
+                    "the receiver's first send filling its socket")
+    r = peer.receiver
+    assert not r.head and 0 < r.cursor < 60 * KIB, (len(r.head), r.cursor)
+    peer.resume()
+    sender.feed([body[60 * KIB:]])
+    bench.run_until(bench.finished, "end of the transfer")
+    assert_every_receiver_got(bench, body)
+    assert_transfer_ok(bench, 1)
+
+
 # -- 6. faults at the fd boundary -------------------------------------------------------------
 def stall_one_until_the_other_ends(bench: Bench, sender, body_wire: bytes):
     fast, slow = fast_and_stalled(bench, sender, body_wire)

@@ -394,7 +394,8 @@ def test_death_of_the_senders_worker_aborts_the_slot_and_kicks_receiver_workers(
     f = ring.SlotFields(arena, slot)
     out = registry.worker_died(0)
     assert arena.load(f.state) == ring.ABORTED
-    assert 1 in rec.kicks
+    assert 1 in rec.kicks and arena.take_marks(1) == [slot]   # the kick names the slot
+    assert 0 not in rec.kicks and arena.take_marks(0) == []   # nothing for the dead index
     assert all(w != 0 for w, _ in out), "nothing may be sent to the dead worker"
     pipe = registry.pipes[b"/died"]
     assert pipe.state is PipeState.ABORTED
@@ -415,9 +416,19 @@ def test_death_of_a_receivers_worker_drops_its_cursor_and_kicks_the_producer(
     assert arena.load(f.cursor(1)) == ring.NONE
     assert arena.load(f.cursor(0)) == 0
     assert arena.load(f.state) == ring.STREAMING
-    assert 0 in rec.kicks
+    assert 0 in rec.kicks and arena.take_marks(0) == [slot]   # the producer's slot named
+    assert 1 not in rec.kicks and arena.take_marks(1) == []
     pipe = registry.pipes[b"/rdied"]
     assert pipe.lost_receivers == 1 and pipe.state is PipeState.STREAMING
+
+
+def test_death_of_a_worker_that_held_both_ends_kicks_only_the_living(arena, registry, rec):
+    """Worker 0 sent a pipe whose receivers were on 0 and 1: worker 1 is told, the dead
+    index gets neither a kick nor a mark (its replacement would make a pass for nothing)."""
+    _, (slot, gen) = start_transfer(registry, b"/both", (0, 1), ((0, 2), (1, 3)))
+    registry.worker_died(0)
+    assert rec.kicks == [1] and arena.take_marks(1) == [slot]
+    assert arena.take_marks(0) == []
 
 
 def test_death_of_a_worker_with_waiting_parties_makes_them_leave(registry):

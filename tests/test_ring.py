@@ -6,7 +6,8 @@ import select
 
 import pytest
 
-from relayd import ring
+from relayd import logs, ring
+from relayd.worker import kick_marked
 
 ROUNDS = int(os.environ.get("RELAYD_WAKEUP_ROUNDS", "20000"))
 
@@ -172,6 +173,34 @@ def test_a_receiver_that_looks_only_at_marked_slots_misses_no_wake_up(arena):
         [rounds, rounds]
     for efd in efds:
         os.close(efd)
+
+
+def test_a_part_that_raises_in_a_kick_does_not_spend_the_other_slots_kicks(
+        arena, monkeypatch):
+    """kick_marked clears a worker's marks, then runs each marked slot's parts: one part
+    raising past its guard is logged, and the other marked slots still run."""
+    lines: list[str] = []
+    monkeypatch.setattr(logs, "_write", lines.append)
+    ran: list[str] = []
+
+    class Part:
+        def __init__(self, name: str, fails: bool = False):
+            self.name, self.fails = name, fails
+
+        def on_kick(self) -> None:
+            ran.append(self.name)
+            if self.fails:
+                raise RuntimeError("a bug past the guard")
+
+    arena.mark(2, 0)
+    arena.mark(2, 1)
+    groups = {0: Part("group 0", fails=True), 1: Part("group 1")}
+    senders = {0: Part("sender 0"), 1: Part("sender 1")}
+    kick_marked(arena, 2, groups, senders)
+    assert ran == ["group 0", "sender 0", "group 1", "sender 1"]
+    assert arena.take_marks(2) == []
+    assert any("error in a kick of slot 0" in line and "RuntimeError" in line
+               for line in lines)
 
 
 def test_marks_name_each_slot_once_and_are_cleared_by_taking(arena):
