@@ -12,8 +12,9 @@ Each `WorkerPart` is what one worker index holds, wired exactly as relayd/worker
 (on_start_sender, on_start_receivers, on_kick): Connections built with a Config and
 ConnectionHooks, `group.add(conn)`, SenderStream from `conn.body()`. Every worker
 index has its own eventfd; `kick(w)` writes it and the loop's reader for it runs the
-worker's own `kick_marked` over that index's groups and streams, as Worker.on_kick does. Control messages the parts report go, one loop
-turn later (as over the control socket), to a real `rendezvous.Registry` -- the supervisor's
+worker's own `kick_marked` over that index's groups and streams, as Worker.on_kick does.
+Control messages the parts report go, one loop turn later (as over the control socket),
+to a real `rendezvous.Registry` -- the supervisor's
 bookkeeping: it initialises the slot (`SlotFields.reset`) before any start, answers
 Finished/AbortSender, and punches the slot on release. Every message is kept in
 `bench.reports` for the tests to assert on.
