@@ -18,7 +18,6 @@ for them.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import fcntl
 import socket
 import struct
@@ -33,12 +32,13 @@ from relayd.config import Config
 from relayd.http import HttpError, error_body, response_head, simple_response
 from relayd.producer import Body
 from relayd.routing import PipeRequest, Reply, Request
+from relayd.states import State
 
 LINGER_S = 2.0                  # how long a closing connection's unread input is drained
 READ_BYTES = 64 * 1024
 
 
-class Phase(enum.Enum):
+class Phase(State):
     HEAD = "head"               # reading a request head, or idle between kept-alive requests
     JOINING = "joining"         # a pipe party; its join is with the supervisor
     WAITING = "waiting"         # a sender the rendezvous took: answered, body unread
@@ -46,17 +46,13 @@ class Phase(enum.Enum):
     CLOSING = "closing"         # the last response is going out; input is drained
     CLOSED = "closed"
 
-    __hash__ = object.__hash__  # members are singletons; Enum's own hash runs Python code
 
-
-class Move(enum.Enum):
+class Move(State):
     joined = "joined"
     accepted = "accepted"
     attached = "attached"
     closing = "closing"
     closed = "closed"
-
-    __hash__ = object.__hash__
 
 
 P, M = Phase, Move

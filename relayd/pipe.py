@@ -21,13 +21,13 @@ only code that assigns `state`; a move the table does not hold raises
 """
 from __future__ import annotations
 
-import enum
 import time
 
 from relayd.control import Outcome, SenderInfo
+from relayd.states import State
 
 
-class PipeState(enum.Enum):
+class PipeState(State):
     WAITING = "waiting"
     MATCHED = "matched"
     STREAMING = "streaming"
@@ -36,7 +36,7 @@ class PipeState(enum.Enum):
     CLOSED = "closed"
 
 
-class Event(enum.Enum):
+class Event(State):
     # facts
     sender_joined = "sender_joined"
     receiver_joined = "receiver_joined"

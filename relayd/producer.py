@@ -23,7 +23,6 @@ the body, the spill plan, counters and a few callbacks -- never the worker that 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import os
 import socket
 import traceback
@@ -36,6 +35,7 @@ from relayd.chunked import ChunkScanner, MalformedChunk
 from relayd.control import Outcome
 from relayd.fileio import SYSCALLS, Syscalls
 from relayd.spill import NO_LIMIT, Spill, SpillBudget, SpillWriter
+from relayd.states import State
 from relayd.stats import WorkerCounters
 
 READ_BUDGET = 1024 * 1024         # bytes one sender pass takes from its socket
@@ -56,7 +56,7 @@ def finished_line(ok: int, lost: int) -> str:
     return line
 
 
-class SenderState(enum.Enum):
+class SenderState(State):
     READING = "reading"           # taking the body from the socket
     PAUSED = "paused"             # the window is full: not reading until a cursor moves
     ENDED = "ended"               # the body ended cleanly: DONE published
@@ -64,7 +64,7 @@ class SenderState(enum.Enum):
     CLOSED = "closed"             # its part is over: released, the response closing
 
 
-class SenderEvent(enum.Enum):
+class SenderEvent(State):
     window_full = "window_full"
     window_freed = "window_freed"
     body_ended = "body_ended"

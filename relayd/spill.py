@@ -39,7 +39,6 @@ of the fallback's window between create and unlink are swept at daemon start.
 from __future__ import annotations
 
 import ctypes
-import enum
 import errno
 import glob
 import os
@@ -47,6 +46,7 @@ import tempfile
 
 from relayd import ring, stats
 from relayd.fileio import SYSCALLS, Syscalls, WriteFailed, write_all, writev_all
+from relayd.states import State
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -128,7 +128,7 @@ class SpillBudget:
         return max(0, self.budget - stats.node_spill_bytes(self.arena))
 
 
-class Spill(enum.Enum):
+class Spill(State):
     GROWING = "growing"          # every byte goes to the file too
     STOPPED = "stopped"          # a write failed: the file holds bytes up to `end`
 

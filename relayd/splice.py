@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import enum
 import fcntl
 import os
 import socket
@@ -40,6 +39,7 @@ from relayd.chunked import (MAX_LINE, MAX_TRAILER, SIZE_LINE, TRAILER_LINE, Chun
 from relayd.control import Outcome, SenderInfo
 from relayd.delivery import response_for
 from relayd.producer import finished_line
+from relayd.states import State
 from relayd.stats import WorkerCounters
 
 SPLICE_PIPE_BYTES = 1 << 20       # pipe capacity (F_SETPIPE_SZ; /proc/sys/fs/pipe-max-size)
@@ -62,7 +62,7 @@ def make_pipe() -> tuple[int, int, int]:
     return r, w, size
 
 
-class Splice(enum.Enum):
+class Splice(State):
     WAITING = "waiting"           # the receiver's socket is on its way from another worker
     MOVING = "moving"             # bytes flow
     ENDED = "ended"               # the body is complete and queued to the receiver
@@ -70,7 +70,7 @@ class Splice(enum.Enum):
     CLOSED = "closed"
 
 
-class SpliceEvent(enum.Enum):
+class SpliceEvent(State):
     receiver_arrived = "receiver_arrived"
     body_ended = "body_ended"
     failed = "failed"
