@@ -123,7 +123,6 @@ class Worker:
         self.conn_peak = 0
         self.senders: dict[int, SenderStream] = {}     # slot -> stream
         self.groups: dict[int, ReceiverGroup] = {}     # slot -> group
-        self.own_kick_due = False        # a kick of this worker by itself waits in call_soon
         self.splices: dict[int, SpliceStream] = {}     # slot -> n = 1 stream
         self.adopted = 0                # receivers' sockets handed over by other workers
         self.hangups = HangupWatch(self.on_sender_hangup)
@@ -543,27 +542,16 @@ class Worker:
 
     # -- data plane wake-ups ---------------------------------------------------------------
     def kick(self, worker: int) -> None:
-        """Wake a worker about the slots marked for it (ring.py marks them first). Our own
-        kicks (the producer and receivers of a pipe in this worker) need no eventfd round
-        trip: the marks are run once this loop pass's callbacks are done."""
-        if worker != self.index:
-            os.eventfd_write(self.eventfds[worker], 1)
-        elif not self.own_kick_due:
-            self.own_kick_due = True
-            self.loop.call_soon(self.on_own_kick)
+        """Wake a worker (this one too) about the slots marked for it; ring.py marks them
+        first. (Skipping the eventfd for our own kicks with call_soon was measured: no CPU
+        saved at 1000 token pipes, p50/p99 latency at n = 50 a little worse; not kept.)"""
+        os.eventfd_write(self.eventfds[worker], 1)
 
     def on_kick(self) -> None:
         try:
             os.eventfd_read(self.eventfds[self.index])
         except BlockingIOError:
             pass
-        self.run_marks()
-
-    def on_own_kick(self) -> None:
-        self.own_kick_due = False
-        self.run_marks()
-
-    def run_marks(self) -> None:
         kick_marked(self.arena, self.index, self.groups, self.senders)
 
     # -- observability ---------------------------------------------------------------------

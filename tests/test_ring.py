@@ -121,7 +121,7 @@ def test_ping_pong_between_processes_loses_no_wake_up(arena):
 
 
 def test_a_receiver_that_looks_only_at_marked_slots_misses_no_wake_up(arena):
-    """Worker.run_marks: after a kick a worker looks only at the slots marked for it
+    """worker.kick_marked: after a kick a worker looks only at the slots marked for it
     (Arena.take_marks: clear, fence). Two pipes' producers in one process, both pipes'
     receivers in another, which after sleeping reads only the marked slots' tails: a mark
     lost, or cleared after the tail it announces was read, leaves a receiver asleep with
