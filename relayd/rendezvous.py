@@ -25,6 +25,10 @@ from relayd.pipe import Event, Party, Pipe, PipeState
 
 Outbox = list  # [(worker index, message)]
 HANDED_ID0 = 1 << 48
+# A free slot whose last transfer sent by copy and wrote no more than this keeps its pages for
+# the next one: no punch (a shmem punch unmaps the page in every worker) and no fault to
+# refill it. At most slots x this stays resident (64 MiB at the default 1024 slots).
+KEEP_PAGES = 64 * 1024
 
 
 class SlotTable:
@@ -38,11 +42,14 @@ class SlotTable:
         # one worker may hold both, and its producer may finish (abort) while its receivers
         # still send from the ring: the ring must not be punched under them.
         self.holders: dict[int, set[tuple[str, int]]] = {}
+        self.lent = [False] * arena.slots     # its transfer lends ring pages (sendfile)
 
-    def assign(self, producer: int, receiver_workers: set[int]) -> tuple[int, int] | None:
+    def assign(self, producer: int, receiver_workers: set[int],
+               lends_pages: bool = False) -> tuple[int, int] | None:
         if not self.free:
             return None
         slot = self.free.pop()
+        self.lent[slot] = lends_pages
         self.gen[slot] += 1
         gen = self.gen[slot]
         ring.SlotFields(self.arena, slot).reset(self.arena, producer, receiver_workers, gen)
@@ -61,9 +68,10 @@ class SlotTable:
         if holders:
             return False
         del self.holders[slot]
-        # Punch in both modes: copy-mode pages would stay resident forever; in sendfile mode
-        # sockets still sending old pages keep them, the next transfer gets fresh ones.
-        self.arena.punch_written(slot)
+        # Sendfile lent the pages to sockets that may still send them: always punched, the
+        # sockets keep the old pages. Copy mode lent none (send copies): a small transfer's
+        # pages stay for the next one, a large one's go back (else they stay resident).
+        self.arena.punch_written(slot, keep=0 if self.lent[slot] else KEEP_PAGES)
         self.arena.store(ring.SlotFields(self.arena, slot).state, ring.IDLE)
         self.free.append(slot)
         return True
@@ -152,7 +160,8 @@ class Registry:
             self.splice_ids += 1
             assigned = (self.splice_ids, 1)
         else:
-            assigned = self.slots.assign(pipe.sender[0], {w for w, _ in pipe.receivers})
+            assigned = self.slots.assign(pipe.sender[0], {w for w, _ in pipe.receivers},
+                                         lends_pages=pipe.transmit == "sendfile")
             if assigned is None:
                 self.slot_queue[pipe.path] = pipe   # first come, first served
                 return []

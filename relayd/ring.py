@@ -22,7 +22,8 @@ exactly one writer, but for the marks:
     state       the producer's worker (the supervisor when that worker died)
     wake_at     the producer's worker: kick me when the lowest ring cursor reaches this
     high        the producer's worker: the highest position it wrote (published or not);
-                the slot's release punches the pages below it, and only those
+                the slot's release punches the pages below it, and only those (a small
+                copy-mode transfer's are kept for the next: rendezvous.KEEP_PAGES)
     spill_*     the producer's worker (spill.py): the spill file, where it starts, and
                 spill_end, NONE while the file grows, else the position it holds up to
     file_wake_at, drop_below   the producer's worker: same mark for file readers; file
@@ -203,13 +204,14 @@ class Arena:
         """Give ring pages back to the kernel; sockets still sending them keep the old pages."""
         self.mm.madvise(mmap.MADV_REMOVE, self.ring_base(slot) + offset, length)
 
-    def punch_written(self, slot: int) -> None:
+    def punch_written(self, slot: int, keep: int = 0) -> None:
         """At a slot's release: give back every page its transfer wrote -- and only those (a
-        1 KiB pipe punches one page, not its whole window). Every free slot is then without
-        pages, so a transfer's first lap is fresh in sendfile mode too."""
+        1 KiB pipe punches one page, not its whole window) -- unless it wrote no more than
+        `keep` bytes. A kept page was never lent to a socket (only copy-mode slots keep), so
+        a sendfile transfer may take it for a first-lap page."""
         high = self.load(SlotFields(self, slot).high)
         length = min(_round_up(high, PAGE), self.capacity)
-        if length:
+        if length > keep:
             self.punch(slot, 0, length)
 
     def resident_bytes(self) -> int:
@@ -313,7 +315,8 @@ class RingWriter:
         self.tail = 0
         self.published = 0
         self.limit = arena.capacity
-        self.punched_end = arena.capacity    # first lap: a free slot has no pages (release)
+        # First lap: no page of a free slot is lent to a socket (release punched the lent)
+        self.punched_end = arena.capacity
         self.hold_at: int | None = None
         self.lowest = 0                      # lowest ring cursor at the last refresh
         self.high = 0                        # the highest position written

@@ -16,7 +16,7 @@ from relayd.config import Config
 from relayd import control
 from relayd.control import Outcome
 from relayd.pipe import PipeState
-from relayd.rendezvous import Registry
+from relayd.rendezvous import Registry, SlotTable
 
 RECEIVER_INFO = {"version": "1.1"}
 SENDER_INFO = {"content_type": b"application/octet-stream", "headers": [], "length": 5}
@@ -499,3 +499,20 @@ def test_a_receiver_gone_before_its_hand_over_aborts_the_sender_visibly(arena, r
     slot, gen = out[0][2], out[0][3]
     (w, abort), = registry.handed(1, control.Handed(10, slot, gen, "1.1", -1))
     assert w == 0 and abort[0] == "abort_sender" and "receivers left" in abort[3]
+
+
+@pytest.mark.parametrize("lends,written,kept", [(False, 1024, True), (False, 128 * 1024, False),
+                                                 (True, 1024, False)],
+                         ids=["small-copy", "large-copy", "sendfile"])
+def test_a_freed_slot_keeps_only_a_small_copy_transfers_pages(arena, lends, written, kept):
+    """Release punches the pages a transfer wrote, but a copy-mode transfer of at most
+    KEEP_PAGES leaves them for the next (no socket was lent them); sendfile's are always
+    punched, whatever their size (sockets may still be sending them)."""
+    slots = SlotTable(arena)
+    slot, gen = slots.assign(0, {1}, lends_pages=lends)
+    arena.write(slot, 0, b"x" * written)
+    arena.store(ring.SlotFields(arena, slot).high, written)
+    assert not slots.release(0, slot, gen, "sender")
+    assert slots.release(1, slot, gen, "receivers")
+    base = arena.ring_base(slot)
+    assert (bytes(arena.view[base:base + 1]) == b"x") is kept     # a punched page reads 0
