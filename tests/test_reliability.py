@@ -235,6 +235,44 @@ ABANDONED = 10_000
 RSS_SLACK = 30 * MIB
 
 
+def test_a_worker_collects_garbage_only_once_most_of_a_crowd_has_left(tmp_path):
+    """The trim's full collection walks every live object (tens of ms with thousands of
+    connections open): a worker 1,100 connections below a 6,500 peak does not run it yet;
+    once three quarters of the peak have gone it does, and the peak starts again from there.
+    Real collections, watched through gc.callbacks (automatic ones paused meanwhile)."""
+    import gc
+
+    from relayd import ring
+    from relayd.config import Config
+    from relayd.worker import Worker
+
+    arena = ring.Arena(slots=1, capacity=1 << 19, worker_slots=2)
+    a, b = socket.socketpair()
+    worker = Worker(Config(workers=1).validate(), arena, 0, [], a, 0, os.getpid())
+    full: list[int] = []
+
+    def watch(phase, info):
+        if phase == "start" and info["generation"] == 2:
+            full.append(1)
+
+    gc.disable()
+    gc.callbacks.append(watch)
+    try:
+        worker.conn_peak = 6500
+        worker.conns = dict.fromkeys(range(5400))
+        worker.trim()
+        assert full == [] and worker.conn_peak == 6500
+        worker.conns = dict.fromkeys(range(1500))
+        worker.trim()
+        assert full == [1] and worker.conn_peak == 1500
+    finally:
+        gc.callbacks.remove(watch)
+        gc.enable()
+        a.close()
+        b.close()
+        arena.close()
+
+
 def test_ten_thousand_abandoned_paths_give_back_their_memory_and_connections(start_relay):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = ABANDONED + 2000
