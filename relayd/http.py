@@ -58,9 +58,10 @@ def parse_n(query: bytes | None) -> int:
     """The receiver count from the query string: strictly digits, 1..256, at most once."""
     if not query:
         return 1
-    if query[:2] == b"n=" and query[2:].isdigit() and len(query) <= 5 and \
-            1 <= int(query[2:]) <= MAX_RECEIVERS:
-        return int(query[2:])          # the common query, `n=50`, without a parse
+    digits = query[2:]
+    if query[:2] == b"n=" and digits.isdigit() and len(digits) <= 3 and \
+            1 <= int(digits) <= MAX_RECEIVERS:
+        return int(digits)             # the common query, `n=50`, without a parse
     values = [v for k, v in urllib.parse.parse_qsl(query.decode("latin-1"),
                                                      keep_blank_values=True) if k == "n"]
     if not values:

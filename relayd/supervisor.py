@@ -42,6 +42,11 @@ QUICK_DEATH_S = 1.0
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD)
 
 
+def url_host(host: str) -> str:
+    """A host as a URL writes it (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host else host
+
+
 class StartupError(Exception):
     """The daemon cannot start; the message tells the user why."""
 
@@ -425,12 +430,9 @@ class Supervisor:
     def announce(self) -> None:
         c = self.config
         shown = "localhost" if c.host in ("0.0.0.0", "::") else c.host
-        if ":" in shown:
-            shown = f"[{shown}]"
-        url = f"http://{shown}:{self.port}"
-        host = c.host if ":" not in c.host else f"[{c.host}]"
-        print(f"relayd {__version__} listening on http://{host}"
-              f":{self.port} ({c.workers} worker{'s' if c.workers != 1 else ''}, "
+        url = f"http://{url_host(shown)}:{self.port}"
+        print(f"relayd {__version__} listening on http://{url_host(c.host)}:{self.port} "
+              f"({c.workers} worker{'s' if c.workers != 1 else ''}, "
               f"window {c.window // 1024} KiB, transmit {c.transmit})", flush=True)
         print(f"  try: seq 1000000 | curl -T - '{url}/hello?n=2'   and twice:   "
               f"curl '{url}/hello?n=2'", flush=True)

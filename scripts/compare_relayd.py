@@ -38,6 +38,18 @@ def ratio(value: float, base: float) -> str:
     return f"{value / base:.2f}×" if base else "-"     # a tiny run may measure 0 CPU
 
 
+def print_figure(runs: dict, title: str, args, key: str, unit: str, digits: int) -> None:
+    """One figure per set: median (min–max) and its ratio to the first set's."""
+    print(f"\n{title}, {args.workers} workers, medians of {args.repeat}")
+    base = None
+    for name, figures in runs.items():
+        values = [f[key] for f in figures]
+        med = statistics.median(values)
+        base = base or med
+        print(f"{name:40} {med:.{digits}f} {unit} ({min(values):.{digits}f}–"
+              f"{max(values):.{digits}f})  ratio {ratio(med, base)}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("options", nargs="+", help='relayd options per set, e.g. "" "--window 1M"')
@@ -99,26 +111,12 @@ def main() -> int:
                 print(f"run {repeat + 1} {relay.name}: {figures['GB/s']:.3f} GB/s, "
                       f"{figures['CPU s/GB']:.3f} CPU-s/GB", flush=True)
     if args.many_pipes:
-        print(f"\n{args.many_pipes} pipes x N = {args.n}, {args.pipe_kib} KiB each, "
-              f"{args.workers} workers, medians of {args.repeat}")
-        base = None
-        for name, figures in runs.items():
-            ms = [f["CPU ms/pipe"] for f in figures]
-            med = statistics.median(ms)
-            base = base or med
-            print(f"{name:40} {med:.3f} CPU-ms per pipe ({min(ms):.3f}–{max(ms):.3f})  "
-                  f"ratio {ratio(med, base)}")
+        print_figure(runs, f"{args.many_pipes} pipes x N = {args.n}, {args.pipe_kib} KiB each",
+                     args, "CPU ms/pipe", "CPU-ms per pipe", 3)
         return 0
     if args.token_pipes:
-        print(f"\n{args.token_pipes} token pipes x N = {args.n}, a line per pipe every 50 ms, "
-              f"{args.workers} workers, medians of {args.repeat}")
-        base = None
-        for name, figures in runs.items():
-            us = [f["CPU us/line"] for f in figures]
-            med = statistics.median(us)
-            base = base or med
-            print(f"{name:40} {med:.1f} CPU-us per line ({min(us):.1f}–{max(us):.1f})  "
-                  f"ratio {ratio(med, base)}")
+        print_figure(runs, f"{args.token_pipes} token pipes x N = {args.n}, a line per pipe "
+                     "every 50 ms", args, "CPU us/line", "CPU-us per line", 1)
         return 0
     if args.latency:
         print(f"\nlatency N = {args.n}, {LATENCY_LINES} lines at {LATENCY_RATE}/s, "

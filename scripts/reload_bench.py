@@ -49,7 +49,7 @@ import time
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_lib import servers  # noqa: E402
+from bench_lib import procstats, servers  # noqa: E402
 from bench_lib.http_body import ProtocolError, ResponseDecoder  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,6 +146,19 @@ class CheckedBody:
             piece = piece[room:]
 
 
+async def read_response(reader, decoder: ResponseDecoder, after_read=None) -> None:
+    """Feed the decoder until the response is complete or the peer closes; `after_read`
+    after each piece."""
+    while not decoder.complete:
+        data = await reader.read(READ_BYTES)
+        if not data:
+            decoder.feed_eof()
+            return
+        decoder.feed(data)
+        if after_read is not None:
+            after_read()
+
+
 async def receive(pipe: Pipe, port: int, deadline_s: float) -> ReceiverResult:
     result = ReceiverResult()
     body = CheckedBody()
@@ -157,12 +170,7 @@ async def receive(pipe: Pipe, port: int, deadline_s: float) -> ReceiverResult:
             writer.write(f"GET {pipe.path}?n={pipe.n} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n"
                          .encode())
             await writer.drain()
-            while not decoder.complete:
-                data = await reader.read(READ_BYTES)
-                if not data:
-                    decoder.feed_eof()
-                    break
-                decoder.feed(data)
+            await read_response(reader, decoder)
     except TimeoutError:
         result.error = f"no end after {deadline_s:.0f} s"
     except (OSError, ProtocolError) as e:
@@ -205,15 +213,11 @@ async def send(pipe: Pipe, body: memoryview, port: int, deadline_s: float) -> Se
     start = asyncio.Event()
     writer = None
 
-    async def read_response(reader):
-        while not decoder.complete:
-            data = await reader.read(65536)
-            if not data:
-                decoder.feed_eof()
-                break
-            decoder.feed(data)
+    async def read_progress(reader):
+        def started():
             if b"Start sending" in text:
                 start.set()
+        await read_response(reader, decoder, started)
         start.set()        # ended before starting: the pacer sees no "Start sending"
 
     try:
@@ -224,7 +228,7 @@ async def send(pipe: Pipe, body: memoryview, port: int, deadline_s: float) -> Se
             writer.write(f"PUT {pipe.path}?n={pipe.n} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
                          f"{framing}\r\n\r\n".encode())
             await writer.drain()
-            responding = asyncio.create_task(read_response(reader))
+            responding = asyncio.create_task(read_progress(reader))
             await start.wait()
             if b"Start sending" not in text:
                 await responding
@@ -296,18 +300,10 @@ def health(port: int, timeout_s: float = 5.0) -> dict:
 def relay_cpu_seconds(pid: int) -> float:
     """Supervisor + live workers + workers it has reaped (retired generations)."""
     try:
-        root = psutil.Process(pid)
-        t = root.cpu_times()
-        total = t.user + t.system + t.children_user + t.children_system
-        for child in root.children(recursive=True):
-            try:
-                c = child.cpu_times()
-                total += c.user + c.system
-            except psutil.NoSuchProcess:
-                pass
-        return total
+        t = psutil.Process(pid).cpu_times()
     except psutil.NoSuchProcess:
         return float("nan")
+    return procstats.cpu_seconds(pid) + t.children_user + t.children_system
 
 
 def children(pid: int) -> set[int]:

@@ -164,10 +164,14 @@ def test_quick_bench_verifies_every_receiver_and_reports_every_row(bench_servers
     assert "every body byte compared with the payload file" in done.stdout
 
 
-def test_compare_relayd_many_pipes_reports_cpu_per_pipe():
+def compare_relayd(*args: str) -> subprocess.CompletedProcess:
     script = os.path.join(REPO_ROOT, "scripts", "compare_relayd.py")
-    done = subprocess.run([sys.executable, script, "--many-pipes", "8", "--n", "2",
-                           "--repeat", "1", ""], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_compare_relayd_many_pipes_reports_cpu_per_pipe():
+    done = compare_relayd("--many-pipes", "8", "--n", "2", "--repeat", "1", "")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "0 receivers refused" in done.stdout
     assert "CPU-ms per pipe" in done.stdout.split("medians of 1\n")[1]
@@ -176,9 +180,7 @@ def test_compare_relayd_many_pipes_reports_cpu_per_pipe():
 def test_compare_relayd_token_pipes_checks_every_line_and_reports_cpu_per_line():
     """scripts/compare_relayd.py --token-pipes: concurrent chunked pipes whose every
     receiver must get every line of its own pipe, in order, before a figure is printed."""
-    script = os.path.join(REPO_ROOT, "scripts", "compare_relayd.py")
-    done = subprocess.run([sys.executable, script, "--token-pipes", "3", "--n", "2",
-                           "--repeat", "1", ""], capture_output=True, text=True, timeout=120)
+    done = compare_relayd("--token-pipes", "3", "--n", "2", "--repeat", "1", "")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "3 token pipes x N = 2" in done.stdout
     assert "CPU-us per line" in done.stdout.split("medians of 1\n")[1]
@@ -209,12 +211,9 @@ def test_token_pipes_name_a_receiver_that_misses_a_line():
 def test_compare_relayd_runs_each_option_set_and_reports_it():
     """scripts/compare_relayd.py: every set runs the verified throughput workload; a set
     relayd refuses fails the invocation instead of being reported."""
-    script = os.path.join(REPO_ROOT, "scripts", "compare_relayd.py")
-    ok = subprocess.run([sys.executable, script, "--n", "3", "--mib", "1", "--repeat", "1",
-                         "", "--window 1M"], capture_output=True, text=True, timeout=120)
+    ok = compare_relayd("--n", "3", "--mib", "1", "--repeat", "1", "", "--window 1M")
     assert ok.returncode == 0, ok.stderr
     summary = ok.stdout.split("medians of 1\n")[1].splitlines()
     assert [line.split("  ")[0].strip() for line in summary] == ["(defaults)", "--window 1M"]
-    bad = subprocess.run([sys.executable, script, "--n", "3", "--mib", "1", "--repeat", "1",
-                          "--window 3M"], capture_output=True, text=True, timeout=120)
+    bad = compare_relayd("--n", "3", "--mib", "1", "--repeat", "1", "--window 3M")
     assert bad.returncode != 0 and "medians" not in bad.stdout

@@ -37,7 +37,7 @@ import time
 from bench_lib.http_body import ProtocolError, ResponseDecoder
 from bench_lib.listen_queue import listen_queues
 from bench_lib.receivers import (ComparedBody, Receiver, ReceiverPool, client_cpu_seconds,
-                                 emit, map_reference, wait_for_go)
+                                 emit, map_reference, send_once_connected, wait_for_go)
 
 CONNECT_BATCH = 64           # connects per batch and process
 # A batch waits until every accept queue of the server is at most this full: with two
@@ -123,14 +123,9 @@ class PipesPool(ReceiverPool):
 
     def _on_producer(self, producer, mask, _now_ns):
         if producer.sent is None:
-            code = producer.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if code:
-                self._end_producer(producer, f"connect: {errno.errorcode.get(code, code)}")
-                return
-            try:
-                producer.sock.sendall(producer.head)   # tiny: fits any send buffer at once
-            except OSError as exc:
-                self._end_producer(producer, f"send: {exc}")
+            error = send_once_connected(producer.sock, producer.head)
+            if error:
+                self._end_producer(producer, error)
                 return
             producer.sent = 0
             self.producers_unsent -= 1

@@ -292,14 +292,9 @@ class ReceiverPool:
                 action()
 
     def _send_request(self, receiver, _mask, _now_ns):
-        code = receiver.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if code:
-            self._fail(receiver, f"connect: {errno.errorcode.get(code, code)}")
-            return
-        try:
-            receiver.sock.sendall(receiver.request)  # tiny: fits any send buffer at once
-        except OSError as exc:
-            self._fail(receiver, f"send: {exc}")
+        error = send_once_connected(receiver.sock, receiver.request)
+        if error:
+            self._fail(receiver, error)
             return
         receiver.request_sent = True
         self.unsent -= 1
@@ -371,6 +366,19 @@ class ReceiverPool:
         if receiver.sock is not None:
             receiver.sock.close()
         self.active -= 1
+
+
+def send_once_connected(sock, data):
+    """A non-blocking connect finished: send a request head (tiny: it fits any send buffer at
+    once). The failure as a line, or None."""
+    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if code:
+        return f"connect: {errno.errorcode.get(code, code)}"
+    try:
+        sock.sendall(data)
+    except OSError as exc:
+        return f"send: {exc}"
+    return None
 
 
 def emit(tag, document):
