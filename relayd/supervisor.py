@@ -3,10 +3,11 @@ It never touches a client socket.
 
 Shape (after gunicorn's arbiter): signal handlers only queue the signal and wake the main
 loop; `run()` dispatches `handle_<sig>`; `reap_workers()` loops `waitpid(WNOHANG)`; a worker
-that exits with EXIT_BOOT_FAILURE halts the daemon instead of respawning forever. Each worker
-binds its own SO_REUSEPORT listener after fork (connections then spread evenly); the
-supervisor keeps one bound, non-listening socket so the port stays reserved, and no copy of
-the workers' listeners (a dead worker's socket left open would stall its share).
+that keeps dying at once is respawned after a growing backoff. The supervisor owns one
+SO_REUSEPORT listener per --workers seat (listeners.py: connections spread evenly over the
+seats, and a seat's queue outlives the worker serving it, so no reload or respawn resets a
+queued connection); each worker inherits its seat's at fork. One more bound, non-listening
+socket keeps the port reserved while a seat is closed.
 Every control message, signal handler and loop step runs in its own try: an exception is
 logged with what was being done, and the supervisor keeps serving (a supervisor that exits
 takes every worker and transfer with it).
@@ -14,7 +15,8 @@ takes every worker and transfer with it).
 Reload (SIGHUP), as nginx does it: a new generation of workers starts; once all of it
 listens, the old generation is told to retire: it stops accepting but keeps its waiting
 parties (still registered, still matched with parties that arrive at the new workers) and
-its transfers, and exits when the last one ends. Worker indexes are bounded (2W, made before
+its transfers, and exits when the last one ends. Each new worker takes an old one's seat,
+so the old one's queue is the new one's. Worker indexes are bounded (2W, made before
 the first fork); a SIGHUP that finds no room for a whole new generation is queued, and every
 further one coalesces into it, until an old generation has retired.
 """
@@ -32,10 +34,10 @@ import sys
 import time
 import traceback
 
-from relayd import __version__, control, logs, ring, spill, stats, systemd
+from relayd import __version__, control, listeners, logs, ring, spill, stats, systemd
 from relayd.config import Config
 from relayd.rendezvous import Registry
-from relayd.worker import EXIT_BOOT_FAILURE, TRIM_AFTER_CLOSED, Worker, trim_heap
+from relayd.worker import TRIM_AFTER_CLOSED, Worker, trim_heap
 
 RESPAWN_BACKOFF_MAX_S = 5.0
 QUICK_DEATH_S = 1.0
@@ -52,8 +54,9 @@ class StartupError(Exception):
 
 
 class WorkerHandle:
-    def __init__(self, index: int, pid: int, channel: control.Channel):
+    def __init__(self, index: int, seat: int, pid: int, channel: control.Channel):
         self.index = index
+        self.seat = seat                 # the listener it accepts from (listeners.Seats)
         self.pid = pid
         self.channel = channel
         self.ready = False
@@ -72,6 +75,7 @@ class Supervisor:
         self.pid = os.getpid()
         self.port = config.port
         self.reserved: socket.socket | None = None
+        self.seats: listeners.Seats | None = None
         self.arena: ring.Arena | None = None
         self.eventfds: list[int] = []
         self.workers: dict[int, WorkerHandle] = {}       # index -> handle
@@ -122,6 +126,13 @@ class Supervisor:
             self.reserved.bind((self.config.host, self.port))
         except OSError as e:
             raise StartupError(f"cannot reserve {self.config.host}:{self.port}: {e.strerror}")
+        self.seats = listeners.Seats(self.config.host, self.port, self.config.workers)
+        for seat in range(self.config.workers):
+            try:
+                self.seats.open(seat)
+            except OSError as e:
+                raise StartupError(f"cannot listen on {self.config.host}:{self.port}: "
+                                   f"{e.strerror}") from None
 
     def setup(self) -> None:
         logs.configure(self.config.log_format)
@@ -167,7 +178,7 @@ class Supervisor:
     def run(self) -> int:
         self.setup()
         for index in range(self.config.workers):
-            self.spawn_worker(index)
+            self.spawn_worker(index, seat=index)
         while True:
             self.guarded("waiting for events", self.wait_for_events)
             self.guarded("sending to workers", self.flush_channels)
@@ -235,17 +246,28 @@ class Supervisor:
         return [w for w in self.workers.values() if not w.retiring]
 
     def respawn(self) -> None:
-        """Bring the serving generation back to --workers after a death."""
-        missing = self.config.workers - len(self.active())
-        for index in self.free_indexes()[:max(0, missing)]:
-            self.spawn_worker(index)
+        """Bring the serving generation back to --workers after a death: a new worker on
+        each seat the serving generation lacks."""
+        held = {w.seat for w in self.active()}
+        empty = [seat for seat in range(self.config.workers) if seat not in held]
+        for seat, index in zip(empty, self.free_indexes()):
+            try:
+                self.spawn_worker(index, seat)
+            except OSError as e:         # fork, or binding a closed seat again
+                log(f"cannot start a worker for seat {seat}: {e}; trying again")
         if len(self.active()) < self.config.workers:
-            # Every index is held (a retiring generation): try again when one is reaped.
+            # An index is missing (a retiring generation holds them) or a start failed.
             self.respawn_at = time.monotonic() + max(self.backoff_s, 0.1)
 
-    def spawn_worker(self, index: int) -> None:
+    def spawn_worker(self, index: int, seat: int) -> None:
+        self.seats.open(seat)           # bound again if a crash loop closed it
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            raise
         if pid == 0:
             code = 1
             try:
@@ -257,7 +279,8 @@ class Supervisor:
                     w.channel.sock.close()
                 self.reserved.close()
                 self.selector.close()
-                code = Worker(self.config, self.arena, index, self.eventfds, theirs, self.port,
+                listener = self.seats.keep_only(seat)
+                code = Worker(self.config, self.arena, index, self.eventfds, theirs, listener,
                               self.pid).run()
             except BaseException:
                 traceback.print_exc()
@@ -265,7 +288,7 @@ class Supervisor:
                 os._exit(code)
         theirs.close()
         ours.setblocking(False)
-        handle = WorkerHandle(index, pid, None)
+        handle = WorkerHandle(index, seat, pid, None)
         handle.channel = control.Channel(ours, lambda: self.dirty.add(handle),
                                          lambda on: self.want_write(handle, on))
         self.workers[index] = handle
@@ -291,15 +314,15 @@ class Supervisor:
                         f"with {code}; its transfers ended short")
                 continue
             log(f"worker {handle.index} (pid {pid}) exited with {code}; respawning")
-            if code == EXIT_BOOT_FAILURE:
-                log("a worker could not boot; stopping")
-                self.exit_code = 1
-                self.begin_stop(graceful=True)
-                continue
             stats.count_restart(self.arena)
             quick = time.monotonic() - handle.spawned < QUICK_DEATH_S
             self.backoff_s = min(RESPAWN_BACKOFF_MAX_S, self.backoff_s * 2 or 0.1) if quick else 0
             self.respawn_at = time.monotonic() + self.backoff_s
+            if self.backoff_s and not any(w.seat == handle.seat and not w.told_to_retire
+                                          for w in self.workers.values()):
+                # Nobody accepts on it until the respawn: its share of new connections
+                # goes to the other seats meanwhile (what queued on it is reset).
+                self.seats.close(handle.seat)
 
     def feed_watchdog(self) -> None:
         """WATCHDOG=1 to systemd (WatchdogSec=) at half its interval, while workers beat."""
@@ -448,6 +471,7 @@ class Supervisor:
     def begin_stop(self, graceful: bool) -> None:
         if not self.stopping:
             self.stopping = True
+            self.seats.close_all()      # each worker's copy is the last: it takes its queue
             self.stop_deadline = time.monotonic() + (self.config.graceful_timeout_s + 5
                                                      if graceful else 0)
             systemd.notify("STOPPING=1")
@@ -497,8 +521,8 @@ class Supervisor:
         log("SIGHUP: reloading workers")
         for w in self.active():
             w.retiring = True
-        for index in free[:self.config.workers]:
-            self.spawn_worker(index)
+        for seat, index in enumerate(free[:self.config.workers]):
+            self.spawn_worker(index, seat)
 
     def handle_chld(self) -> None:
         pass    # reap_workers runs after every loop pass

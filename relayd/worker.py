@@ -1,16 +1,17 @@
-"""One worker process: its own SO_REUSEPORT listener, a uvloop loop, its connections, and its
-half of each pipe's data path. It talks to the supervisor over its control channel (rare
-messages: joins, starts, outcomes; control.py) and to other workers only through the shared
-arena and their eventfds (every byte).
+"""One worker process: its seat's SO_REUSEPORT listener (listeners.py), a uvloop loop, its
+connections, and its half of each pipe's data path. It talks to the supervisor over its
+control channel (rare messages: joins, starts, outcomes; control.py) and to other workers
+only through the shared arena and their eventfds (every byte).
 
 The worker wires parts that know nothing of it: each Connection, SenderStream and
 ReceiverGroup gets what it uses and a few callbacks (hooks), never the worker.
 
 Lifecycle: forked by the supervisor; dies with it (PR_SET_PDEATHSIG, then a getppid check,
-and EOF on the control channel). Retire (a reload's new generation listens): stop accepting,
-keep waiting parties and transfers, exit when the last one ends. SIGTERM: stop accepting,
-answer waiting parties 503, let transfers finish within the graceful timeout, then abort the
-rest visibly. SIGQUIT: exit at once. SIGINT and SIGHUP are the supervisor's.
+and EOF on the control channel). Retire (a reload's new generation listens): stop accepting
+(the successor on the same seat takes the queue), keep waiting parties and transfers, exit
+when the last one ends. SIGTERM: stop accepting, answer waiting parties 503, let transfers
+finish within the graceful timeout, then abort the rest visibly. SIGQUIT: exit at once.
+SIGINT and SIGHUP are the supervisor's.
 
 Every callback that runs a piece of one pipe is guarded: an exception is logged with that
 pipe and aborts it alone; the once-a-second tick beats the heartbeat first and guards each
@@ -25,7 +26,6 @@ import gc
 import os
 import signal
 import socket
-import sys
 import traceback
 
 import uvloop
@@ -47,7 +47,6 @@ PR_SET_PDEATHSIG = 1
 ACCEPT_BATCH = 64
 ACCEPT_BACKOFF_S = 0.1          # out of descriptors: accept again after this
 TICK_S = 1.0                    # heartbeat, counters, timeouts
-EXIT_BOOT_FAILURE = 3           # the supervisor stops respawning on this code
 TRIM_AFTER_CLOSED = 1000        # connections gone since the last trim
 AUTH_STATUSES = (401, 403, 429)
 RETRY_AFTER = b"Retry-After: 1\r\n"
@@ -67,19 +66,6 @@ def die_with_parent(parent_pid: int) -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent_pid:      # the parent died before prctl took effect
         os._exit(0)
-
-
-def bind_listener(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    # Accepted sockets inherit it (Linux): every pipe socket sends at once, no Nagle delay.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.listen(4096)
-    sock.setblocking(False)
-    return sock
 
 
 def kick_marked(arena: ring.Arena, index: int, groups: dict, senders: dict) -> None:
@@ -105,17 +91,16 @@ def trace() -> str:
 
 class Worker:
     def __init__(self, config: Config, arena: ring.Arena, index: int, eventfds: list[int],
-                 control_sock: socket.socket, port: int, parent_pid: int):
+                 control_sock: socket.socket, listener: socket.socket | None, parent_pid: int):
         self.config = config
         self.arena = arena
         self.index = index
         self.eventfds = eventfds
         self.control_sock = control_sock
-        self.port = port
         self.parent_pid = parent_pid
         self.loop: asyncio.AbstractEventLoop | None = None
         self.channel: control.Channel | None = None
-        self.listener: socket.socket | None = None
+        self.listener = listener        # its seat, inherited from the supervisor
         self.accept_paused = False
         self.accept_failures = 0
         self.conns: dict[int, Connection] = {}
@@ -149,12 +134,6 @@ class Worker:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(self.loop)
-        try:
-            self.listener = bind_listener(self.config.host, self.port)
-        except OSError as e:
-            print(f"relayd worker {self.index}: cannot listen on {self.config.host}:{self.port}: "
-                  f"{e.strerror}", file=sys.stderr)
-            return EXIT_BOOT_FAILURE
         self.block.claim(os.getpid())
         self.control_sock.setblocking(False)
         self.channel = control.Channel(self.control_sock,
@@ -185,7 +164,7 @@ class Worker:
         if self.draining:
             return
         self.draining = True
-        self.stop_accepting()
+        self.stop_accepting(take_queued=True)
         for conn in list(self.conns.values()):
             if conn.phase is Phase.HEAD:
                 if conn.requests and conn.head_bytes == 0:
@@ -207,7 +186,7 @@ class Worker:
         if self.retiring or self.draining:
             return
         self.retiring = True
-        self.stop_accepting()
+        self.stop_accepting(take_queued=False)
         for conn in list(self.conns.values()):
             if conn.phase is Phase.HEAD and conn.requests and conn.head_bytes == 0:
                 conn.close()
@@ -229,11 +208,13 @@ class Worker:
     def handle_quit(self) -> None:
         os._exit(0)
 
-    def stop_accepting(self) -> None:
-        """Close the listener after taking what is queued on it: connections still queued
-        on a closing listener are reset, not migrated to another worker's."""
+    def stop_accepting(self, take_queued: bool) -> None:
+        """Stop taking connections from this worker's seat. On a stop the supervisor has
+        closed its copy and this one is the last: take what is queued, since closing resets
+        it. On a retirement the queue is the successor's, who shares the seat."""
         if self.listener is not None:
-            self.on_accept(batch=1 << 30)
+            if take_queued:
+                self.on_accept(batch=1 << 30)
             if not self.accept_paused:
                 self.loop.remove_reader(self.listener.fileno())
             self.listener.close()

@@ -15,17 +15,19 @@ A benchmark, not a timed test: it starts relayd (`python -m relayd --host 127.0.
   wait from the start and whose other receivers arrive after the reloads began (so waiting
   parties of a retiring generation are matched with parties at the new one);
 - sends --reloads SIGHUPs to the supervisor: one a --every seconds, with a burst of --burst
-  of them back to back in the middle.
+  of them back to back in the middle;
+- meanwhile --hammers threads open new connections one after another (`GET /version`, read to
+  the close), so some always arrive while a generation hands its listeners over.
 
 Then it checks: every receiver's body equals its sender's (count and sha256; a body that is
 only a prefix is "short", anything else "wrong"), every sender's response says "Sent
 successfully", the supervisor is alive, once the transfers end the workers settle back to
 --workers (the supervisor's children by psutil and /health's "workers" agree), the log has no
-"supervisor error", and a fresh transfer works. It prints a table of figures; reloads
-started / queued / joined are counted from relayd's log lines ("SIGHUP: reloading workers",
-"reload queued", "joins it"). Exits 1 if any check fails (a wrong or short body, the
-supervisor dead, ...). Run it with the interpreter relayd is installed in
-(.venv/bin/python scripts/reload_bench.py): relayd runs from this checkout.
+"supervisor error", no new connection was reset or refused, and a fresh transfer works. It
+prints a table of figures; reloads started / queued / joined are counted from relayd's log
+lines ("SIGHUP: reloading workers", "reload queued", "joins it"). Exits 1 if any check fails
+(a wrong or short body, the supervisor dead, ...). Run it with the interpreter relayd is
+installed in (.venv/bin/python scripts/reload_bench.py): relayd runs from this checkout.
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_lib import procstats, servers  # noqa: E402
+from bench_lib.hammer import ConnectionHammer  # noqa: E402
 from bench_lib.http_body import ProtocolError, ResponseDecoder  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -602,6 +605,9 @@ def main() -> int:
                     help="of them, sent back to back in the middle (default 4)")
     ap.add_argument("--every", type=float, default=1.0, help="seconds between spaced SIGHUPs")
     ap.add_argument("--settle-timeout", type=float, default=60.0)
+    ap.add_argument("--hammers", type=int, default=2,
+                    help="threads opening new connections (GET /version) through the whole "
+                         "run; none may be reset or refused (default 2)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--keep", action="store_true", help="keep the work dir and relayd's log")
     ap.add_argument("--verbose", action="store_true",
@@ -632,6 +638,9 @@ def main() -> int:
     relay_pid = relay.process.pid
     watcher = Watcher(relay_pid, relay.port, args.workers)
     watcher.start()
+    hammers = [ConnectionHammer(relay.port) for _ in range(args.hammers)]
+    for hammer in hammers:
+        hammer.start()
     try:
         cpu0 = relay_cpu_seconds(relay.process.pid)
         usage0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -639,8 +648,11 @@ def main() -> int:
         print(f"{len(pipes)} pipes x {args.n} receivers, {mib(payload.body_bytes)} each; "
               f"{args.reloads} SIGHUPs at {', '.join(f'{t:g}' for t in times)} s", flush=True)
         asyncio.run(run_clients(args, pipes, payload, relay, watcher, figures))
+        for hammer in hammers:
+            hammer.stop.set()
+            hammer.join(30)
         ended_at = max([r.done_at for p in pipes for r in p.receivers] +
-                       [p.sender.done_at for p in pipes])
+                       [p.sender.done_at for p in pipes], default=time.monotonic())
         settled, h, kids = wait_settled(relay, watcher, args.workers, args.settle_timeout)
         settled_at = time.monotonic()
         with watcher.lock:
@@ -654,6 +666,8 @@ def main() -> int:
         alive = alive and relay.process.poll() is None
         load_after = os.getloadavg()
     finally:
+        for hammer in hammers:
+            hammer.stop.set()
         watcher.halt.set()
         watcher.join(5)
         relay.stop()
@@ -693,6 +707,14 @@ def main() -> int:
                         f"retirements logged (expected {log['started'] * args.workers})")
     if fresh != "ok":
         failures.append(f"fresh transfer after the reloads: {fresh}")
+    asked = sum(hammer.total for hammer in hammers)
+    failed: dict[str, int] = {}
+    for hammer in hammers:
+        for kind, times_seen in hammer.failures.items():
+            failed[kind] = failed.get(kind, 0) + times_seen
+    if failed:
+        failures.append(f"new connections during the run: {sum(failed.values())} of {asked} "
+                        f"failed {failed}")
     hups_logged = log["started"] + log["joined"] + log["ignored"]
 
     # -- the table ---------------------------------------------------------------------
@@ -742,6 +764,9 @@ def main() -> int:
         ("transfer log lines outcome=ok / other",
          f"{log['transfers_ok']} / {len(log['transfers_other'])}"),
         ("transfers with parties in two generations (log)", f"{log['cross_generation']}"),
+        (f"new connections during the run ({args.hammers} threads): answered / failed",
+         f"{asked - sum(failed.values())} / {sum(failed.values())}"
+         + (f" {failed}" if failed else "")),
         ("/health polls during the run: answered / failed",
          f"{watcher.health_ok} / {len(watcher.health_failed)}"),
         ("supervisor alive; 'supervisor error' lines",

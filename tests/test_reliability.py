@@ -24,12 +24,16 @@ import re
 import resource
 import signal
 import socket
+import sys
 import threading
 import time
 
 import psutil
 import pytest
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "scripts"))
+from bench_lib.hammer import ConnectionHammer  # noqa: E402
 from conftest import (MIB, SHORT_BODY, SlowTransfer, curl_receiver, curl_sender,
                       curl_transfer_works, health_retry, payload, raw_request, read_response,
                       read_until_closed, sha256_file, start_slow_transfer, transfer_logs,
@@ -248,7 +252,7 @@ def test_a_worker_collects_garbage_only_once_most_of_a_crowd_has_left(tmp_path):
 
     arena = ring.Arena(slots=1, capacity=1 << 19, worker_slots=2)
     a, b = socket.socketpair()
-    worker = Worker(Config(workers=1).validate(), arena, 0, [], a, 0, os.getpid())
+    worker = Worker(Config(workers=1).validate(), arena, 0, [], a, None, os.getpid())
     full: list[int] = []
 
     def watch(phase, info):
@@ -418,44 +422,11 @@ def test_sigquit_stops_at_once_even_with_a_transfer_in_flight(start_relay, tmp_p
     t.wait(60)
 
 
-class VersionHammer(threading.Thread):
-    """`GET /version` on a new connection each time, counting what fails and how."""
-
-    def __init__(self, port: int):
-        super().__init__(daemon=True)
-        self.port = port
-        self.stop = threading.Event()
-        self.total = 0
-        self.failures: dict[str, int] = {}
-
-    def run(self) -> None:
-        request = b"GET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        while not self.stop.is_set():
-            self.total += 1
-            try:
-                s = socket.create_connection(("127.0.0.1", self.port), timeout=5)
-                try:
-                    s.sendall(request)
-                    data, closed = read_until_closed(s, timeout=5)
-                finally:
-                    s.close()
-                kind = None if data.startswith(b"HTTP/1.1 200") and closed else \
-                    f"answer {data[:12]!r}"
-            except ConnectionRefusedError:
-                kind = "refused"
-            except ConnectionResetError:
-                kind = "reset"
-            except OSError as e:
-                kind = type(e).__name__
-            if kind:
-                self.failures[kind] = self.failures.get(kind, 0) + 1
-
-
-def wait_for_reload(relay, old: set[int]) -> set[int]:
-    """Wait until /health lists two workers, none of them old; the new pids."""
+def wait_for_reload(relay, old: set[int], workers: int = 2) -> set[int]:
+    """Wait until /health lists `workers` workers, none of them old; the new pids."""
     def reloaded():
         pids = {w["pid"] for w in health_retry(relay)["workers"]}
-        return pids if len(pids) == 2 and not pids & old else None
+        return pids if len(pids) == workers and not pids & old else None
     new = wait_for(reloaded, timeout=30, interval=0.05, what="new workers only")
     for pid in old:
         wait_for(lambda: not psutil.pid_exists(pid) or
@@ -466,7 +437,7 @@ def wait_for_reload(relay, old: set[int]) -> set[int]:
 def test_sighup_replaces_both_workers_without_refusing_or_resetting_a_connection(start_relay):
     relay = start_relay(workers=2)
     old = {w["pid"] for w in relay.health()["workers"]}
-    hammer = VersionHammer(relay.port)
+    hammer = ConnectionHammer(relay.port)
     hammer.start()
     time.sleep(0.5)
     relay.proc.send_signal(signal.SIGHUP)
@@ -494,6 +465,101 @@ def test_a_transfer_in_flight_across_a_sighup_reload_completes_intact(start_rela
     assert t.receiver_shas() == [t.sha] * 3
     wait_for_reload(relay, old)
     curl_transfer_works(relay, tmp_path, "/after-reload")
+
+
+# -- seats: a listener's queue outlives the worker serving it ----------------------------------
+VERSION_REQUEST = b"GET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+def queue_requests(port: int, count: int) -> list[socket.socket]:
+    """`count` connections whose handshake the kernel completed and whose request is sent:
+    they wait in a listener's queue while nobody accepts."""
+    return [raw_request(port, VERSION_REQUEST, timeout=20) for _ in range(count)]
+
+
+def answers(socks: list[socket.socket]) -> list[str]:
+    """What each queued connection got: "200", another status line, "reset" or "none"."""
+    got = []
+    for s in socks:
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+            got.append("200" if data.startswith(b"HTTP/1.1 200") else repr(data[:20]))
+        except ConnectionResetError:
+            got.append("reset")
+        except socket.timeout:
+            got.append("none" if not data else repr(data[:20]))
+        finally:
+            s.close()
+    return got
+
+
+def listening_sockets(port: int) -> int:
+    """Listening TCP sockets on the port, from /proc/net/tcp (state 0A): the open seats."""
+    count = 0
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        count += int(local.rsplit(":", 1)[1], 16) == port and state == "0A"
+    return count
+
+
+def test_a_reloads_new_worker_answers_what_queued_on_the_old_workers_seat(start_relay):
+    """The old worker is stopped, so it cannot take its queue: the connections are answered
+    only if the new worker accepts from the same listener (before seats, a new worker had a
+    listener of its own, and the old one's queue was reset or waited for it)."""
+    relay = start_relay(workers=1)
+    (old,) = [w["pid"] for w in relay.health()["workers"]]
+    os.kill(old, signal.SIGSTOP)
+    try:
+        socks = queue_requests(relay.port, 5)
+        relay.proc.send_signal(signal.SIGHUP)
+        got = answers(socks)
+        state = psutil.Process(old).status() if psutil.pid_exists(old) else "gone"
+        assert got == ["200"] * 5
+        assert state == psutil.STATUS_STOPPED, "answered only once the old worker went"
+    finally:
+        os.kill(old, signal.SIGCONT)
+    wait_for_reload(relay, {old}, workers=1)
+    assert answers(queue_requests(relay.port, 1)) == ["200"]
+
+
+def test_connections_queued_on_a_killed_workers_seat_are_answered_by_its_replacement(
+        start_relay):
+    relay = start_relay(workers=1)
+    (victim,) = [w["pid"] for w in relay.health()["workers"]]
+    # A worker that dies within its first second is respawned after a backoff, with its
+    # seat closed meanwhile; this one has lived longer, so it is replaced at once.
+    wait_for(lambda: time.time() - psutil.Process(victim).create_time() > 1.5,
+             what="the worker older than the quick-death bound")
+    os.kill(victim, signal.SIGSTOP)
+    socks = queue_requests(relay.port, 5)
+    os.kill(victim, signal.SIGKILL)
+    assert answers(socks) == ["200"] * 5
+    assert victim not in {w["pid"] for w in health_retry(relay)["workers"]}
+
+
+def test_a_worker_dying_at_start_has_its_seat_closed_until_its_respawn(start_relay):
+    """Kill each new worker of a seat as soon as it appears: once the deaths are quick the
+    respawn waits out a backoff, and meanwhile the port has one listener fewer (new
+    connections go to the live seat); then the seat opens again and both serve."""
+    relay = start_relay(workers=2)
+    sup = psutil.Process(relay.proc.pid)
+    assert listening_sockets(relay.port) == 2
+    survivor = sup.children()[0].pid            # the other seat's worker is left alone
+    killed: set[int] = set()
+    deadline = time.monotonic() + 60
+    while listening_sockets(relay.port) == 2:
+        assert time.monotonic() < deadline, f"the seat never closed ({len(killed)} kills)"
+        for p in sup.children():
+            if p.pid != survivor and p.pid not in killed:
+                killed.add(p.pid)
+                os.kill(p.pid, signal.SIGKILL)
+        time.sleep(0.01)
+    assert "respawning" in relay.stderr_text()
+    wait_for(lambda: listening_sockets(relay.port) == 2, timeout=30, what="the seat open again")
+    wait_for(lambda: health_retry(relay)["workers_alive"] == 2, timeout=30, what="two workers")
+    assert answers(queue_requests(relay.port, 4)) == ["200"] * 4
 
 
 # -- soak ------------------------------------------------------------------------------------

@@ -32,6 +32,9 @@ def test_quick_reload_bench_delivers_every_byte_and_settles():
     assert rows["supervisor alive; 'supervisor error' lines"] == "yes; 0"
     assert rows["fresh transfer after settling"] == "ok"
     assert rows["/health polls during the run: answered / failed"].endswith(" / 0")
+    answered, failed = rows["new connections during the run (2 threads): answered / failed"] \
+        .split(" / ", 1)
+    assert int(answered) > 0 and failed == "0", failed
     assert "OK: every byte of every receiver is its sender's" in out
 
 
