@@ -12,13 +12,14 @@ Every control message, signal handler and loop step runs in its own try: an exce
 logged with what was being done, and the supervisor keeps serving (a supervisor that exits
 takes every worker and transfer with it).
 
-Reload (SIGHUP), as nginx does it: a new generation of workers starts; once all of it
-listens, the old generation is told to retire: it stops accepting but keeps its waiting
-parties (still registered, still matched with parties that arrive at the new workers) and
-its transfers, and exits when the last one ends. Each new worker takes an old one's seat,
-so the old one's queue is the new one's. Worker indexes are bounded (2W, made before
-the first fork); a SIGHUP that finds no room for a whole new generation is queued, and every
-further one coalesces into it, until an old generation has retired.
+Reload (SIGHUP), as nginx does it: a new generation of workers starts, each on an old
+worker's seat; once a new worker listens, the old one on its seat is told to retire: it stops
+accepting (the queue is the new one's) but keeps its waiting parties (still registered, still
+matched with parties that arrive at the new workers) and its transfers, and exits when the
+last one ends. A seat whose new worker cannot start keeps its old one. Worker indexes are
+bounded (2W, made before the first fork); a SIGHUP that finds no room for a whole new
+generation is queued, and every further one coalesces into it, until an old generation has
+retired.
 """
 from __future__ import annotations
 
@@ -312,17 +313,22 @@ class Supervisor:
                     log(f"worker {handle.index} (pid {pid}) retired" if code == 0 else
                         f"worker {handle.index} (pid {pid}) of a retiring generation exited "
                         f"with {code}; its transfers ended short")
+                    self.close_if_unserved(handle.seat)
                 continue
             log(f"worker {handle.index} (pid {pid}) exited with {code}; respawning")
             stats.count_restart(self.arena)
             quick = time.monotonic() - handle.spawned < QUICK_DEATH_S
             self.backoff_s = min(RESPAWN_BACKOFF_MAX_S, self.backoff_s * 2 or 0.1) if quick else 0
             self.respawn_at = time.monotonic() + self.backoff_s
-            if self.backoff_s and not any(w.seat == handle.seat and not w.told_to_retire
-                                          for w in self.workers.values()):
-                # Nobody accepts on it until the respawn: its share of new connections
-                # goes to the other seats meanwhile (what queued on it is reset).
-                self.seats.close(handle.seat)
+            self.close_if_unserved(handle.seat)
+
+    def close_if_unserved(self, seat: int) -> None:
+        """A seat no process holds, whose respawn waits out a backoff: close it, so its share
+        of new connections goes to the live seats meanwhile (what queued on it is reset).
+        While any worker holds it, even one retiring, the seat stays as it is."""
+        if (not self.stopping and self.respawn_at > time.monotonic()
+                and not any(w.seat == seat for w in self.workers.values())):
+            self.seats.close(seat)
 
     def feed_watchdog(self) -> None:
         """WATCHDOG=1 to systemd (WatchdogSec=) at half its interval, while workers beat."""
@@ -400,12 +406,11 @@ class Supervisor:
 
     def on_ready(self, handle: WorkerHandle, m: control.Ready) -> None:
         handle.ready = True
-        fresh = self.active()
-        if all(w.ready for w in fresh):
-            # Reload: the old workers stop accepting only once the new ones listen, so the
-            # port never lacks a listener.
+        if not handle.retiring and not self.stopping:
+            # Reload: an old worker stops accepting only once its successor on the seat
+            # listens, so no seat is ever without a worker taking its queue.
             for w in self.workers.values():
-                if w.retiring and not w.told_to_retire:
+                if w.seat == handle.seat and w.retiring and not w.told_to_retire:
                     w.told_to_retire = True
                     self.send_all([(w.index, control.Retire())])
         if not self.announced and sum(w.ready for w in self.workers.values()) \
@@ -519,10 +524,16 @@ class Supervisor:
                 log(f"SIGHUP ignored: --secret-file {self.config.secret_file}: {e}")
                 return
         log("SIGHUP: reloading workers")
-        for w in self.active():
-            w.retiring = True
         for seat, index in enumerate(free[:self.config.workers]):
-            self.spawn_worker(index, seat)
+            old = [w for w in self.active() if w.seat == seat]
+            try:
+                self.spawn_worker(index, seat)
+            except OSError as e:         # out of descriptors, or fork failed
+                log(f"SIGHUP: cannot start a worker for seat {seat}: {e}; the old one "
+                    f"keeps serving it")
+                continue
+            for w in old:
+                w.retiring = True
 
     def handle_chld(self) -> None:
         pass    # reap_workers runs after every loop pass

@@ -164,7 +164,7 @@ class Worker:
         if self.draining:
             return
         self.draining = True
-        self.stop_accepting(take_queued=True)
+        self.stop_accepting()
         for conn in list(self.conns.values()):
             if conn.phase is Phase.HEAD:
                 if conn.requests and conn.head_bytes == 0:
@@ -186,7 +186,7 @@ class Worker:
         if self.retiring or self.draining:
             return
         self.retiring = True
-        self.stop_accepting(take_queued=False)
+        self.stop_accepting()
         for conn in list(self.conns.values()):
             if conn.phase is Phase.HEAD and conn.requests and conn.head_bytes == 0:
                 conn.close()
@@ -208,13 +208,13 @@ class Worker:
     def handle_quit(self) -> None:
         os._exit(0)
 
-    def stop_accepting(self, take_queued: bool) -> None:
-        """Stop taking connections from this worker's seat. On a stop the supervisor has
-        closed its copy and this one is the last: take what is queued, since closing resets
-        it. On a retirement the queue is the successor's, who shares the seat."""
+    def stop_accepting(self) -> None:
+        """Stop taking connections from this worker's seat, after taking what is queued: on
+        a stop this copy is the last (the supervisor closed its own), and closing the last
+        resets the queue. On a retirement the successor would take it; taking it here costs
+        nothing."""
         if self.listener is not None:
-            if take_queued:
-                self.on_accept(batch=1 << 30)
+            self.on_accept(batch=1 << 30)
             if not self.accept_paused:
                 self.loop.remove_reader(self.listener.fileno())
             self.listener.close()

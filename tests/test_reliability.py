@@ -562,6 +562,40 @@ def test_a_worker_dying_at_start_has_its_seat_closed_until_its_respawn(start_rel
     assert answers(queue_requests(relay.port, 4)) == ["200"] * 4
 
 
+
+def test_a_reload_that_cannot_start_new_workers_leaves_the_old_ones_serving(start_relay):
+    """Real EMFILE: the supervisor's soft descriptor limit leaves one free number, so each
+    new worker's control socketpair fails. The old workers stay the serving generation (one
+    killed is replaced, not left as a seat nobody serves) and the next SIGHUP reloads."""
+    relay = start_relay(workers=2)
+    sup = psutil.Process(relay.proc.pid)
+    old = {w["pid"] for w in relay.health()["workers"]}
+    soft, hard = sup.rlimit(psutil.RLIMIT_NOFILE)
+    fds = {int(fd) for fd in os.listdir(f"/proc/{sup.pid}/fd")}
+    tight = next(n for n in range(1, soft) if n - sum(fd < n for fd in fds) == 1)
+    sup.rlimit(psutil.RLIMIT_NOFILE, (tight, hard))
+    try:
+        relay.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "cannot start a worker for seat 1" in relay.stderr_text(),
+                 what="both seats' failures logged")
+    finally:
+        sup.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
+    assert "cannot start a worker for seat 0" in relay.stderr_text()
+    assert {w["pid"] for w in health_retry(relay)["workers"]} == old
+    assert answers(queue_requests(relay.port, 8)) == ["200"] * 8
+    victim, survivor = sorted(old)
+    os.kill(victim, signal.SIGKILL)
+
+    def replaced():
+        pids = {w["pid"] for w in health_retry(relay)["workers"]}
+        return len(pids) == 2 and survivor in pids and victim not in pids
+    wait_for(replaced, timeout=30, what="the killed old worker respawned")
+    now = {w["pid"] for w in health_retry(relay)["workers"]}
+    relay.proc.send_signal(signal.SIGHUP)
+    wait_for_reload(relay, now)
+    assert answers(queue_requests(relay.port, 8)) == ["200"] * 8
+
+
 # -- soak ------------------------------------------------------------------------------------
 SOAK_TRANSFERS = int(os.environ.get("RELAYD_SOAK_TRANSFERS", "300"))
 SOAK_WARMUP = 20
