@@ -166,7 +166,7 @@ class Supervisor:
         stats.mark_started(self.arena)
         self.registry = Registry(c, self.arena, self.kick)
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.wakeup_r = rfd
+        self.wakeup_r, self.wakeup_w = rfd, wfd
         signal.set_wakeup_fd(wfd)
         for sig in HANDLED_SIGNALS:
             signal.signal(sig, self.queue_signal)
@@ -272,12 +272,17 @@ class Supervisor:
         if pid == 0:
             code = 1
             try:
+                # A worker keeps none of the supervisor's descriptors but the arena, the
+                # eventfds and its seat: a copy of a receiver's socket waiting in a
+                # channel's outbox would keep that connection open as long as the worker.
                 signal.set_wakeup_fd(-1)
+                os.close(self.wakeup_r)
+                os.close(self.wakeup_w)
                 for sig in HANDLED_SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)
                 ours.close()
                 for w in self.workers.values():
-                    w.channel.sock.close()
+                    w.channel.close()
                 self.reserved.close()
                 self.selector.close()
                 listener = self.seats.keep_only(seat)

@@ -596,6 +596,41 @@ def test_a_reload_that_cannot_start_new_workers_leaves_the_old_ones_serving(star
     assert answers(queue_requests(relay.port, 8)) == ["200"] * 8
 
 
+
+def descriptors(pid: int) -> dict[int, str]:
+    """fd -> what it points at (`socket:[inode]`, `pipe:[inode]`, ...), from /proc."""
+    found = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            found[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            pass                          # closed while we looked
+    return found
+
+
+def test_a_worker_shares_no_socket_or_pipe_with_the_supervisor_but_its_seat(start_relay):
+    """Not another seat, the reserved port socket, another worker's control channel or the
+    supervisor's signal pipe, for the first workers and for a reload's (stdio, the arena's
+    memfd and the eventfds are shared on purpose)."""
+    relay = start_relay(workers=2)
+
+    def check() -> None:
+        sup = descriptors(relay.proc.pid)
+        ours = {t for fd, t in sup.items() if fd > 2 and t.startswith(("socket:", "pipe:"))}
+        seats = set()
+        for w in health_retry(relay)["workers"]:
+            shared = set(descriptors(w["pid"]).values()) & ours
+            assert len(shared) == 1 and next(iter(shared)).startswith("socket:"), \
+                (w["index"], shared)
+            seats |= shared
+        assert len(seats) == 2                     # one seat each, not the same one
+    check()
+    old = {w["pid"] for w in relay.health()["workers"]}
+    relay.proc.send_signal(signal.SIGHUP)
+    wait_for_reload(relay, old)
+    check()
+
+
 # -- soak ------------------------------------------------------------------------------------
 SOAK_TRANSFERS = int(os.environ.get("RELAYD_SOAK_TRANSFERS", "300"))
 SOAK_WARMUP = 20
