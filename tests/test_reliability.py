@@ -72,6 +72,51 @@ def connections(relay) -> int:
     return sum(w["connections"] for w in health_retry(relay)["workers"]) - 1
 
 
+VERSION_REQUEST = b"GET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+def queue_requests(port: int, count: int) -> list[socket.socket]:
+    """`count` connections whose handshake the kernel completed and whose request is sent:
+    they wait in a listener's queue while nobody accepts."""
+    return [raw_request(port, VERSION_REQUEST, timeout=20) for _ in range(count)]
+
+
+def answers(socks: list[socket.socket]) -> list[str]:
+    """What each queued connection got: "200", another status line, "reset" or "none"."""
+    got = []
+    for s in socks:
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+            got.append("200" if data.startswith(b"HTTP/1.1 200") else repr(data[:20]))
+        except ConnectionResetError:
+            got.append("reset")
+        except socket.timeout:
+            got.append("none" if not data else repr(data[:20]))
+        finally:
+            s.close()
+    return got
+
+
+def listening_sockets(port: int) -> int:
+    """Listening TCP sockets on the port, from /proc/net/tcp (state 0A): the open seats."""
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.read().splitlines()[1:]]
+    return sum(int(row[1].rsplit(":", 1)[1], 16) == port and row[3] == "0A" for row in rows)
+
+
+def descriptors(pid: int) -> dict[int, str]:
+    """fd -> what it points at (`socket:[inode]`, `pipe:[inode]`, ...), from /proc."""
+    found = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            found[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            pass                          # closed while we looked
+    return found
+
+
 # -- slow clients and timeouts ----------------------------------------------------------------
 def test_slowloris_client_gets_408_and_is_closed_while_a_normal_transfer_completes(
         start_relay, tmp_path):
@@ -334,6 +379,8 @@ def test_a_stopped_worker_is_killed_and_replaced_by_the_heartbeat(start_relay, t
     victim = next(w["pid"] for w in relay.health()["workers"] if w["index"] == 0)
     os.kill(victim, signal.SIGSTOP)
     try:
+        # Some of these queue on the stopped worker's seat: its replacement answers them.
+        queued = queue_requests(relay.port, 8)
         def replaced():
             h = health_retry(relay)
             pids = [w["pid"] for w in h["workers"]]
@@ -341,6 +388,7 @@ def test_a_stopped_worker_is_killed_and_replaced_by_the_heartbeat(start_relay, t
         wait_for(replaced, timeout=20, what="the stopped worker replaced")
         assert not psutil.pid_exists(victim) or \
             psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
+        assert answers(queued) == ["200"] * 8
     finally:
         try:
             os.kill(victim, signal.SIGCONT)
@@ -468,42 +516,6 @@ def test_a_transfer_in_flight_across_a_sighup_reload_completes_intact(start_rela
 
 
 # -- seats: a listener's queue outlives the worker serving it ----------------------------------
-VERSION_REQUEST = b"GET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-
-
-def queue_requests(port: int, count: int) -> list[socket.socket]:
-    """`count` connections whose handshake the kernel completed and whose request is sent:
-    they wait in a listener's queue while nobody accepts."""
-    return [raw_request(port, VERSION_REQUEST, timeout=20) for _ in range(count)]
-
-
-def answers(socks: list[socket.socket]) -> list[str]:
-    """What each queued connection got: "200", another status line, "reset" or "none"."""
-    got = []
-    for s in socks:
-        data = b""
-        try:
-            while chunk := s.recv(65536):
-                data += chunk
-            got.append("200" if data.startswith(b"HTTP/1.1 200") else repr(data[:20]))
-        except ConnectionResetError:
-            got.append("reset")
-        except socket.timeout:
-            got.append("none" if not data else repr(data[:20]))
-        finally:
-            s.close()
-    return got
-
-
-def listening_sockets(port: int) -> int:
-    """Listening TCP sockets on the port, from /proc/net/tcp (state 0A): the open seats."""
-    count = 0
-    for line in open("/proc/net/tcp").read().splitlines()[1:]:
-        local, state = line.split()[1], line.split()[3]
-        count += int(local.rsplit(":", 1)[1], 16) == port and state == "0A"
-    return count
-
-
 def test_a_reloads_new_worker_answers_what_queued_on_the_old_workers_seat(start_relay):
     """The old worker is stopped, so it cannot take its queue: the connections are answered
     only if the new worker accepts from the same listener (before seats, a new worker had a
@@ -597,17 +609,6 @@ def test_a_reload_that_cannot_start_new_workers_leaves_the_old_ones_serving(star
 
 
 
-def descriptors(pid: int) -> dict[int, str]:
-    """fd -> what it points at (`socket:[inode]`, `pipe:[inode]`, ...), from /proc."""
-    found = {}
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            found[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except FileNotFoundError:
-            pass                          # closed while we looked
-    return found
-
-
 def test_a_worker_shares_no_socket_or_pipe_with_the_supervisor_but_its_seat(start_relay):
     """Not another seat, the reserved port socket, another worker's control channel or the
     supervisor's signal pipe, for the first workers and for a reload's (stdio, the arena's
@@ -629,6 +630,23 @@ def test_a_worker_shares_no_socket_or_pipe_with_the_supervisor_but_its_seat(star
     relay.proc.send_signal(signal.SIGHUP)
     wait_for_reload(relay, old)
     check()
+
+
+
+def test_sigterm_during_a_reload_stops_both_generations_cleanly(start_relay, tmp_path):
+    """SIGTERM while a new generation is starting: no Retire is sent once stopping, every
+    worker of both generations takes its queue and exits, the supervisor exits 0, and a
+    transfer in flight finishes intact."""
+    relay = start_relay("--graceful-timeout", "10", workers=2)
+    t = start_slow_transfer(relay, tmp_path, "/term-in-reload", n=2, size=2 * MIB)
+    relay.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "SIGHUP: reloading workers" in relay.stderr_text(), what="the reload")
+    relay.proc.send_signal(signal.SIGTERM)
+    sender_code, codes = t.wait()
+    assert (sender_code, codes) == (0, [0, 0])
+    assert t.receiver_shas() == [t.sha] * 2
+    assert relay.proc.wait(30) == 0
+    assert "supervisor error" not in relay.stderr_text()
 
 
 # -- soak ------------------------------------------------------------------------------------
