@@ -244,7 +244,9 @@ class Connection:
         self.hooks.pipe(self, decided)
 
     def on_body(self, body: bytes) -> None:
-        if self.role == "sender":
+        # Once the sender's message is complete, the parser goes on through whatever follows
+        # (a pipelined request, junk): none of that is this pipe's body.
+        if self.role == "sender" and not self.message_done:
             if self.stream is not None:
                 self.stream.on_body(body)
             else:

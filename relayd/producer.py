@@ -250,8 +250,9 @@ class SenderStream:
             self.feed(data)
         except httptools.HttpParserError:
             self._frame_pieces()
-            self.abort("the sender's chunked body is malformed")
-            return
+            if not self.message_done:         # else: junk after the body, which is whole
+                self.abort("the sender's chunked body is malformed")
+                return
         self._frame_pieces()
         if self.message_done:
             self.end()

@@ -7,12 +7,13 @@ stream moves the body with os.splice through a pipe grown to SPLICE_PIPE_BYTES: 
 never enter Python.
 
 - A Content-Length body is spliced by length.
-- A chunked body that arrived after its head is walked frame by frame: each size line is read
-  (and checked as chunked.py checks it), written to a 1.1 receiver as it came, and exactly
-  that chunk's data is spliced; an HTTP/1.0 receiver gets only the data. The last chunk and
-  any trailer become a plain `0\\r\\n\\r\\n`.
+- A chunked body for an HTTP/1.1 receiver that arrived after its head passes as it came, in
+  large blocks whose framing chunked.py judges in place. The last chunk and any trailer
+  become a plain `0\\r\\n\\r\\n`.
 - A chunked body partly read with its head is mid-parse in httptools, which cannot hand its
-  framing over: it is relayed through the parser (recv, parse, send), as the ring does.
+  framing over, and an HTTP/1.0 receiver gets the data without the framing: both are relayed
+  through the parser (recv, parse, send), as the ring does. (Peeking at each frame to splice
+  only its data spun the loop on a frame that had only partly arrived.)
 
 The receiver's output is an ordered queue of bytes (head, framing) and counts of bytes to take
 from the pipe, so framing and spliced data leave in wire order. A lone receiver holds the
@@ -34,8 +35,7 @@ from typing import Callable
 import httptools
 
 from relayd import control, logs
-from relayd.chunked import (MAX_LINE, MAX_TRAILER, SIZE_LINE, TRAILER_LINE, ChunkScanner,
-                            MalformedChunk)
+from relayd.chunked import ChunkScanner, MalformedChunk
 from relayd.control import Outcome, SenderInfo
 from relayd.delivery import response_for
 from relayd.producer import finished_line
@@ -46,10 +46,7 @@ SPLICE_PIPE_BYTES = 1 << 20       # pipe capacity (F_SETPIPE_SZ; /proc/sys/fs/pi
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 READ_BYTES = 256 * 1024           # a parsed chunked body: one recv
 SCAN_BLOCK = 1 << 20              # a chunked body sent as it came: one recv
-SMALL_PEEK = 64                   # a CRLF and a plain size line fit in this
-LINE_PEEK = MAX_LINE + 2          # any size line (with the CRLF before it) fits in this
 TERMINATOR = b"0\r\n\r\n"
-MAX_SIZE_DIGITS = 16
 
 
 def make_pipe() -> tuple[int, int, int]:
@@ -133,10 +130,6 @@ class SpliceStream:
         self.remaining = 0 if body.chunked else body.length  # Content-Length bytes to read
         self.body_bytes = 0
         self.received_all = False
-        # chunked, passed through: the data bytes of the current chunk still to splice
-        self.chunk_left = 0
-        self._expect_crlf = False                 # a chunk's data went: its CRLF comes next
-        self.peek_bytes = SMALL_PEEK
         self.scanner: ChunkScanner | None = None  # a chunked body sent as it came
         self.block = self.block_view = None
         self.held = 0                             # block bytes read, not yet sent
@@ -175,7 +168,8 @@ class SpliceStream:
         self._apply(Ev.receiver_arrived)
         self.pipe_r, self.pipe_w, self.pipe_size = make_pipe()
         head, self.deframe = response_for(self.info, receiver.version)
-        if self.chunked and not self.parsed and not self.deframe:
+        self.parsed = self.parsed or self.chunked and self.deframe
+        if self.chunked and not self.parsed:
             self.scanner = ChunkScanner()
             self.block = bytearray(SCAN_BLOCK)
             self.block_view = memoryview(self.block)
@@ -229,11 +223,7 @@ class SpliceStream:
             return self._read_scanned()
         if self.parsed:
             return self._read_parsed()
-        if not self.chunked:
-            return self._splice_in(self.remaining)
-        if self.chunk_left:
-            return self._splice_in(self.chunk_left)
-        return self._read_frame()
+        return self._splice_in(self.remaining)
 
     def _take(self, read: Callable[[], object]):
         """One read of the sender's socket: what came (bytes, or a count), else None -- for
@@ -265,90 +255,9 @@ class SpliceStream:
             self.out[-1] += got
         else:
             self.out.append(got)
-        if self.chunked:
-            self.chunk_left -= got
-            if not self.chunk_left:
-                self.out.append(b"\r\n" if not self.deframe else b"")
-                self._expect_crlf = True
-        else:
-            self.remaining -= got
-            if self.remaining == 0:
-                self._body_complete()
-        return True
-
-    def _read_frame(self) -> bool:
-        """Between chunks: consume the CRLF after a chunk's data and the next size line (or
-        the last chunk and its trailer), as far as they have arrived."""
-        # A look at what is next without taking it: small first (a CRLF and a size line are a
-        # few bytes; a larger peek would copy chunk data only to leave it there).
-        data = self._take(lambda: self.sock.recv(self.peek_bytes, socket.MSG_PEEK))
-        if data is None:
-            return False
-        at = 0
-        if self._expect_crlf:
-            if len(data) < 2:
-                return False
-            if data[:2] != b"\r\n":
-                self.abort("the sender's chunked body is malformed: chunk data is not followed "
-                           "by CRLF")
-                return False
-            at = 2
-        end = data.find(b"\n", at)
-        if end < 0:
-            if len(data) - at > MAX_LINE:
-                self.abort("the sender's chunked body is malformed: a chunk size line is too "
-                           "long")
-            elif len(data) == self.peek_bytes:
-                self.peek_bytes = LINE_PEEK + MAX_TRAILER   # a long line: look further
-                return True
-            return self._consume(at) if at else False
-        line = data[at:end + 1]
-        m = SIZE_LINE.fullmatch(line)
-        digits = m.group(1).lstrip(b"0") if m else b""
-        if m is None or len(digits) > MAX_SIZE_DIGITS:
-            self.abort("the sender's chunked body is malformed: a chunk size line is not hex "
-                       "digits, extensions and CRLF")
-            return False
-        size = int(digits or b"0", 16)
-        if size:
-            self._consume(end + 1)
-            self._expect_crlf = False
-            self.chunk_left = size
-            self.peek_bytes = SMALL_PEEK
-            if not self.deframe:
-                self.out.append(line)
-            return True
-        # The last chunk: its trailer section must end with an empty line.
-        tail_at = end + 1
-        while True:
-            nl = data.find(b"\n", tail_at)
-            if nl < 0:
-                if len(data) - (end + 1) > MAX_TRAILER:
-                    self.abort("the sender's chunked body is malformed: the trailer section is "
-                               "too long")
-                elif len(data) == self.peek_bytes:
-                    self.peek_bytes = LINE_PEEK + MAX_TRAILER   # trailers: look further
-                    return True
-                return False                     # the rest has not arrived
-            field = data[tail_at:nl + 1]
-            if field == b"\r\n":
-                self._consume(nl + 1)
-                break
-            if TRAILER_LINE.fullmatch(field) is None:
-                self.abort("the sender's chunked body is malformed: a trailer line is not a "
-                           "header field")
-                return False
-            tail_at = nl + 1
-        self._expect_crlf = False
-        self._body_complete()
-        return True
-
-    def _consume(self, n: int) -> bool:
-        """Take n peeked bytes off the sender's socket."""
-        while n:
-            got = self.sock.recv(n)
-            n -= len(got)
-        self._expect_crlf = False
+        self.remaining -= got
+        if self.remaining == 0:
+            self._body_complete()
         return True
 
     def _read_scanned(self) -> bool:
@@ -415,8 +324,9 @@ class SpliceStream:
             self.body.feed(data)
         except httptools.HttpParserError:
             self._frame_pieces()
-            self.abort("the sender's chunked body is malformed")
-            return False
+            if not self.message_done:         # else: junk after the body, which is whole
+                self.abort("the sender's chunked body is malformed")
+                return False
         self._frame_pieces()
         if self.message_done:
             self._body_complete()

@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 
+import psutil
 import pytest
 
 from conftest import (CURL, SHORT_BODY, curl_receiver, curl_sender, decode_chunked, parse_head,
@@ -194,3 +195,49 @@ def test_the_sha_of_a_spliced_body_is_independent_of_how_the_sender_writes_it(st
     data, closed = read_until_closed(receiver, timeout=30)
     got, ended = decode_chunked(parse_head(data)[2])
     assert closed and ended and hashlib.sha256(got).digest() == hashlib.sha256(body).digest()
+
+
+def worker_cpu_seconds(relay) -> float:
+    (w,) = relay.health()["workers"]
+    return sum(psutil.Process(w["pid"]).cpu_times()[:2])
+
+
+def test_a_frame_that_arrives_in_pieces_leaves_an_http10_receivers_worker_idle(start_relay):
+    """A size line cut short (the rest of it not sent yet): the worker waits for it without
+    polling. Peeking at the frame and leaving it unread kept the socket readable, and the
+    worker spun at full CPU for as long as the sender paused."""
+    relay = start_relay(workers=1)
+    receiver = waiting_receiver(relay, "/pieces", version="1.0")
+    sender = chunked_sender(relay, "/pieces")
+    wait_for(lambda: relay.health()["pipes_streaming"] == 1, what="the transfer started")
+    sender.sendall(b"5\r\nhello\r\n1")
+    wait_for(lambda: relay.health()["workers"][0]["bytes_in"] >= 5, timeout=10,
+             what="the first chunk in")
+    before = worker_cpu_seconds(relay)
+    time.sleep(1.0)                          # the pause whose cost is measured
+    spent = worker_cpu_seconds(relay) - before
+    sender.sendall(b"\r\n!\r\n0\r\n\r\n")
+    data, closed = read_until_closed(receiver, timeout=30)
+    assert closed and parse_head(data)[2] == b"hello!"
+    assert spent < 0.25, f"the worker used {spent:.2f} CPU-s while the sender paused 1 s"
+
+
+def test_an_overlong_last_chunk_and_trailer_never_freeze_the_worker(start_relay):
+    """A last-chunk line of 4 KiB of extension and a 9,000-byte trailer line without its end,
+    for an HTTP/1.0 receiver: the worker keeps answering (it looped forever, inside one
+    callback, until the heartbeat killed it), and the transfer ends short when the sender
+    leaves."""
+    relay = start_relay(workers=1)
+    receiver = waiting_receiver(relay, "/trailer", version="1.0")
+    sender = chunked_sender(relay, "/trailer")
+    wait_for(lambda: relay.health()["pipes_streaming"] == 1, what="the transfer started")
+    sender.sendall(b"5\r\nhello\r\n0;" + b"a" * 4094 + b"\r\nX-A: " + b"b" * 9000)
+    wait_for(lambda: relay.health()["workers"][0]["bytes_in"] >= 5, timeout=10,
+             what="the first chunk in")
+    for _ in range(3):                        # the one worker still answers
+        assert relay.health()["status"] == "ok"
+    sender.close()
+    data, _ = read_until_closed(receiver, timeout=30)
+    assert parse_head(data)[2] == b"hello"
+    wait_for(lambda: "path='/trailer'" in relay.stderr_text(), what="the transfer logged")
+    assert "outcome=aborted" in relay.stderr_text()

@@ -13,8 +13,9 @@ import time
 
 import pytest
 
-from conftest import (curl_receiver, curl_sender, health_retry, payload, raw_request,
-                      sha256_file, start_slow_transfer, wait_all, wait_for, waiting_count)
+from conftest import (curl_receiver, curl_sender, decode_chunked, health_retry, parse_head,
+                      payload, raw_request, read_until_closed, sha256_file, start_slow_transfer,
+                      wait_all, wait_for, waiting_count)
 
 SIZES = {"empty": 0, "one-byte": 1, "1MiB": 1 << 20}
 
@@ -356,3 +357,43 @@ def test_worker_killed_mid_transfer_is_respawned_and_relay_serves_on(start_relay
     wait_for(respawned, what="respawned worker")
     want, got, _ = relay_once(relay, tmp_path, "/after-kill", 3, 100_000, chunked=True)
     assert got == [want] * 3
+
+
+# -- what follows a sender's body -------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 2], ids=["splice", "ring"])
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@pytest.mark.parametrize("arrival", ["with-the-head", "split", "after-the-head"])
+def test_a_request_pipelined_behind_a_senders_body_is_not_part_of_it(start_relay, n, framing,
+                                                                     arrival):
+    """The parser goes on past the sender's message into whatever follows; before the fix
+    the next request's body was appended to the pipe's (and a Content-Length splice never
+    ended). Every receiver gets exactly the sender's body, and the sender is told success:
+    the body read with the head, partly with it, or none of it (passed through as it came)."""
+    relay = start_relay(workers=2)
+    body = b"hello, pipelined world"
+    path = f"/pipelined-{framing}-{arrival}?n={n}".encode()
+    receivers = [raw_request(relay.port, b"GET %s HTTP/1.1\r\nHost: r\r\n\r\n" % path)
+                 for _ in range(n)]
+    wait_for(lambda: waiting_count(relay) == 1, what="the receivers waiting")
+    if framing == "chunked":
+        head = b"PUT %s HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\n\r\n" % path
+        wire = b"5\r\nhello\r\n11\r\n, pipelined world\r\n0\r\n\r\n"
+    else:
+        head = b"PUT %s HTTP/1.1\r\nHost: r\r\nContent-Length: %d\r\n\r\n" % (path, len(body))
+        wire = body
+    behind = b"PUT /other HTTP/1.1\r\nHost: r\r\nContent-Length: 6\r\n\r\nEVIL!!"
+    first = {"with-the-head": len(wire) + len(behind), "split": 3, "after-the-head": 0}[arrival]
+    sender = raw_request(relay.port, head + (wire + behind)[:first])
+    if first < len(wire):
+        wait_for(lambda: relay.health()["pipes_streaming"] == 1, what="the transfer started")
+        sender.sendall((wire + behind)[first:])
+    for r in receivers:
+        data, closed = read_until_closed(r, timeout=30)
+        status, headers, raw = parse_head(data)
+        assert closed and status == 200
+        got = decode_chunked(raw) if framing == "chunked" else (raw, True)
+        assert got == (body, True)
+        if framing == "content-length":
+            assert headers["content-length"] == str(len(body))
+    assert b"Sent successfully" in read_until_closed(sender, timeout=30)[0]
+    relay.wait_idle()
