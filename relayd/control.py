@@ -244,16 +244,23 @@ class Channel:
         messages: list = []
         for _ in range(most):
             try:
-                data, fds, _, _ = socket.recv_fds(self.sock, RECV_BYTES, MAX_FDS)
+                data, fds, flags, _ = socket.recv_fds(self.sock, RECV_BYTES, MAX_FDS)
             except (BlockingIOError, InterruptedError):
                 return messages
             except OSError:
-                data, fds = b"", []
+                data, fds, flags = b"", [], 0
             if not data:
                 _close_all(fds)
                 return messages or None
             batch = pickle.loads(data)
-            if fds:
+            carried = sum(isinstance(m, CARRIES_FD) and m.fd >= 0 for m in batch)
+            if flags & socket.MSG_CTRUNC or len(fds) != carried:
+                # Out of descriptors here, the kernel dropped them (MSG_CTRUNC): each carrier
+                # gets -1 (gone), never the number the sender knew it by, which here is
+                # some other descriptor of ours.
+                _close_all(fds)
+                fds = [-1] * carried
+            if carried:
                 received = iter(fds)
                 batch = [m._replace(fd=next(received)) if isinstance(m, CARRIES_FD)
                          and m.fd >= 0 else m for m in batch]

@@ -469,12 +469,15 @@ class Worker:
         self.report(control.Handed(m.conn, m.slot, m.gen, version, conn.detach()))
 
     def on_attach_receiver(self, m: control.AttachReceiver) -> None:
-        sock = socket.socket(fileno=m.fd)
         stream = self.splices.get(m.slot)
-        if stream is None or stream.gen != m.gen:
-            sock.close()
+        if m.fd < 0 or stream is None or stream.gen != m.gen:
+            if m.fd >= 0:
+                os.close(m.fd)
+            # The socket was lost on the way (this worker was out of descriptors) or the
+            # pipe is gone: the receiver is lost, and its pipe resolves.
             self.report(control.ReceiverEnded(m.slot, m.gen, m.conn, False))
             return
+        sock = socket.socket(fileno=m.fd)
         sock.setblocking(False)
         self.adopted += 1
 

@@ -7,6 +7,8 @@ over (counted in /metrics), and everything the contract promises must hold the s
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import random
 import re
 import socket
@@ -241,3 +243,63 @@ def test_an_overlong_last_chunk_and_trailer_never_freeze_the_worker(start_relay)
     assert parse_head(data)[2] == b"hello"
     wait_for(lambda: "path='/trailer'" in relay.stderr_text(), what="the transfer logged")
     assert "outcome=aborted" in relay.stderr_text()
+
+
+def health_on(conn: socket.socket) -> dict:
+    """/health asked on a keep-alive connection (so its worker opens and closes nothing)."""
+    conn.sendall(b"GET /health HTTP/1.1\r\nHost: r\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+    while len(body) < length:
+        body += conn.recv(65536)
+    return json.loads(body)
+
+
+def connections_on_worker(relay, index: int, count: int, spare: list) -> list[socket.socket]:
+    """`count` keep-alive connections that landed on worker `index`; the others go to
+    `spare`, left open until the caller is done (a close would free a descriptor there)."""
+    found = []
+    for _ in range(400):
+        s = socket.create_connection(("127.0.0.1", relay.port), timeout=10)
+        (found if health_on(s)["answered_by"] == index else spare).append(s)
+        if len(found) == count:
+            return found
+    raise AssertionError(f"not {count} connections on worker {index}")
+
+
+def test_a_receiver_socket_lost_to_emfile_on_its_way_ends_the_pipe_visibly(start_relay):
+    """The sender's worker has no free descriptor when the receiver's socket is passed to
+    it (SCM_RIGHTS): the kernel drops the socket. The receiver is lost, the sender is told,
+    the pipe ends, and the worker serves on (before, it took the number the socket had in
+    the other process: it closed its own control channel and exited, or wrapped a pipe and
+    left the transfer streaming forever)."""
+    relay = start_relay(workers=2)
+    spare: list[socket.socket] = []
+    try:
+        (sender,) = connections_on_worker(relay, 0, 1, spare)
+        receiver, poll = connections_on_worker(relay, 1, 2, spare)
+        worker0 = next(w["pid"] for w in health_on(poll)["workers"] if w["index"] == 0)
+        sender.sendall(b"PUT /lost HTTP/1.1\r\nHost: r\r\nContent-Length: 5\r\n\r\n")
+        wait_for(lambda: health_on(poll)["pipes_waiting"] == 1, what="the sender waiting")
+        proc = psutil.Process(worker0)
+        soft, hard = proc.rlimit(psutil.RLIMIT_NOFILE)
+        used = {int(fd) for fd in os.listdir(f"/proc/{worker0}/fd")}
+        proc.rlimit(psutil.RLIMIT_NOFILE, (next(n for n in range(soft) if n not in used), hard))
+        try:
+            receiver.sendall(b"GET /lost HTTP/1.1\r\nHost: r\r\n\r\n")
+            wait_for(lambda: "path='/lost'" in relay.stderr_text(), what="the transfer logged")
+        finally:
+            proc.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
+        assert "outcome=aborted: all receivers left" in relay.stderr_text()
+        sender.sendall(b"hello")
+        assert b"[ERROR]" in read_until_closed(sender, timeout=30)[0]
+        assert read_until_closed(receiver, timeout=30) == (b"", True)
+    finally:
+        for s in spare:
+            s.close()
+    h = relay.wait_idle()
+    assert worker0 in {w["pid"] for w in h["workers"]} and h["workers_alive"] == 2
+    assert "error handling" not in relay.stderr_text()
