@@ -124,6 +124,7 @@ class Pipe:
         self.done_receivers = 0
         self.lost_receivers = 0
         self.body_bytes = 0
+        self.body_reported = False       # the producer's BodyEnded (its count) has come
         self.resolved: set[Party] = set()
         self.outcome = Outcome.SENDER_LOST
         self.abort_reason = "sender lost"

@@ -94,6 +94,8 @@ class Registry:
         self.slot_queue: dict[bytes, Pipe] = {}     # MATCHED, waiting for a slot, FIFO
         self.waiting_party: dict[Party, Pipe] = {}
         self.transfers: dict[tuple[int, int], Pipe] = {}
+        # Ended cleanly before the producer's count arrived: logged when it does.
+        self.unlogged: dict[tuple[int, int], tuple[Pipe, str]] = {}
         self.transfers_done = 0
         self.transfers_aborted = 0
         self.outcomes: dict[Outcome, int] = {}
@@ -274,8 +276,12 @@ class Registry:
     def body_ended(self, worker: int, slot: int, gen: int, nbytes: int) -> Outbox:
         pipe = self.transfers.get((slot, gen))
         if pipe is None:
+            late = self.unlogged.pop((slot, gen), None)
+            if late is not None:
+                late[0].body_bytes = nbytes
+                self._log_transfer(*late)
             return []
-        pipe.body_bytes = nbytes
+        pipe.body_bytes, pipe.body_reported = nbytes, True
         if pipe.state is PipeState.STREAMING:
             pipe.apply(Event.body_ended)
         return []
@@ -319,7 +325,12 @@ class Registry:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         del self.transfers[(pipe.slot, pipe.gen)]
         self._forget(pipe)
-        self._log_transfer(pipe, text)
+        if pipe.closed_from is PipeState.DRAINING and not pipe.body_reported:
+            # Every receiver saw the ring's DONE before the producer's BodyEnded (from
+            # another worker) reached us: the line waits for its byte count.
+            self.unlogged[(pipe.slot, pipe.gen)] = (pipe, text)
+        else:
+            self._log_transfer(pipe, text)
         return out
 
     def _log_transfer(self, pipe: Pipe, outcome: str) -> None:
@@ -343,6 +354,10 @@ class Registry:
     def worker_died(self, worker: int) -> Outbox:
         """Resolve everything the dead worker held, as if each of its parties had left."""
         out: Outbox = []
+        for key, (pipe, text) in list(self.unlogged.items()):
+            if pipe.sender[0] == worker:      # its count will not come
+                del self.unlogged[key]
+                self._log_transfer(pipe, text)
         for party in [p for p in self.waiting_party if p[0] == worker]:
             out += self.leave(*party)
         for (slot, gen), pipe in list(self.transfers.items()):

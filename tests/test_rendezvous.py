@@ -363,6 +363,31 @@ def test_released_by_every_holder_frees_the_slot(arena, registry, rec):
     assert arena.load(f.state) == ring.IDLE
 
 
+def test_a_transfer_whose_receivers_end_before_the_producers_count_logs_it_when_it_comes(
+        arena, registry, rec):
+    """The receivers' worker saw the ring's DONE and reported first: the line waits for the
+    producer's BodyEnded (it said bytes=0 before), and a second transfer is not held up."""
+    _, (slot, gen) = start_transfer(registry, b"/early", (0, 1), ((1, 2), (1, 3)))
+    assert registry.receiver_ended(1, slot, gen, 2, ok=True) == []
+    assert registry.receiver_ended(1, slot, gen, 3, ok=True) == \
+        [(0, ("finished", slot, gen, 2, 0))]
+    assert b"/early" not in registry.pipes and rec.lines == []
+    assert registry.body_ended(0, slot, gen, 5) == []
+    assert len(rec.lines) == 1 and "path='/early'" in rec.lines[0]
+    assert "bytes=5" in rec.lines[0] and "outcome=ok" in rec.lines[0]
+    assert registry.unlogged == {}
+
+
+def test_a_line_waiting_for_its_count_is_written_when_the_producers_worker_dies(
+        arena, registry, rec):
+    _, (slot, gen) = start_transfer(registry, b"/orphan", (0, 1), ((1, 2),))
+    registry.receiver_ended(1, slot, gen, 2, ok=True)
+    assert rec.lines == []
+    registry.worker_died(0)
+    assert len(rec.lines) == 1 and "path='/orphan'" in rec.lines[0]
+    assert "outcome=ok" in rec.lines[0] and registry.unlogged == {}
+
+
 def test_a_worker_holding_sender_and_receivers_frees_the_slot_only_after_both(arena, registry):
     """One worker's producer may abort and release while its receivers still send what was
     published: the ring must not be punched (zeroed) under them."""
