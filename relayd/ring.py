@@ -25,7 +25,8 @@ exactly one writer, but for the marks:
                 the slot's release punches the pages below it, and only those (a small
                 copy-mode transfer's are kept for the next: rendezvous.KEEP_PAGES)
     spill_*     the producer's worker (spill.py): the spill file, where it starts, and
-                spill_end, NONE while the file grows, else the position it holds up to
+                spill_end, NONE while the file grows, else the position it holds up to;
+                spill_active returns to 0 before the file's descriptor is closed
     file_wake_at, drop_below   the producer's worker: same mark for file readers; file
                 readers below drop_below are cut (--slow drop)
     cursor[i]   worker i: the lowest position any of its ring readers still needs, or NONE

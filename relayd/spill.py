@@ -258,6 +258,12 @@ class SpillWriter:
         self.budget.change(-self.counted)
         self.counted = 0
         if self.fd >= 0:
+            if self.announced:
+                # Withdrawn before the number is freed: a worker that reopens it later
+                # (an aborted transfer's readers may) must not get whatever file this
+                # process opens next under that number (SpillReader.open checks).
+                self.arena.store(self.f.spill_active, 0)
+                ring.fence()
             os.close(self.fd)
             self.fd = -1
 
@@ -279,6 +285,11 @@ class SpillReader:
         try:
             own = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
+            return None
+        if not arena.load(fields.spill_active):
+            # Withdrawn (the producer closed it, or is closing it): the number may name
+            # another file by now.
+            os.close(own)
             return None
         return cls(own, arena.load(fields.spill_start), arena, fields)
 

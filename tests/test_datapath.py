@@ -715,3 +715,38 @@ def test_an_exception_in_one_pipe_aborts_it_visibly_and_logged_and_the_next_pipe
         response = peer.response()
         assert response.status == 200 and response.complete and response.body == body
     assert bench.registry.outcomes[Outcome.OK] == 1
+
+
+def test_a_withdrawn_spill_file_is_never_reopened_under_a_reused_descriptor_number(tmp_path):
+    """An aborted transfer's producer closes its spill file while readers elsewhere may not
+    have reopened it yet (through /proc/<pid>/fd/<n>). The number is then free, and the next
+    file the producer's worker opens takes it: a late reader must get nothing, not that
+    file's bytes (spill_active is withdrawn before the close and checked after the open)."""
+    from relayd import stats
+    from relayd.spill import SpillBudget, SpillReader, SpillWriter
+
+    arena = ring.Arena(slots=1, capacity=CAPACITY, worker_slots=2)
+    try:
+        f = ring.SlotFields(arena, 0)
+        f.reset(arena, producer=0, receiver_workers=[1], gen=1)
+        writer = ring.RingWriter(arena, 0, [1], False, 64 * KIB, lambda worker: None)
+        budget = SpillBudget(arena, stats.WorkerBlock(arena, 0), 1 << 30)
+        spill = SpillWriter(writer, str(tmp_path), start=0, limit=MIB, drop=False,
+                            budget=budget)
+        spill.write(0, b"this pipe's spilled bytes")
+        spill.announce()
+        early = SpillReader.open(arena, f)
+        assert os.pread(early.fd, 100, 0) == b"this pipe's spilled bytes"
+        number = spill.fd
+        spill.close()
+        other = os.open(tmp_path, os.O_TMPFILE | os.O_RDWR, 0o600)   # another pipe's file
+        try:
+            assert other == number                    # the number was reused
+            os.pwrite(other, b"ANOTHER PIPE'S BYTES", 0)
+            assert SpillReader.open(arena, f) is None
+        finally:
+            os.close(other)
+        assert os.pread(early.fd, 100, 0) == b"this pipe's spilled bytes"   # its own copy
+        os.close(early.fd)
+    finally:
+        arena.close()
