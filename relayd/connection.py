@@ -36,6 +36,11 @@ from relayd.states import State
 
 LINGER_S = 2.0                  # how long a closing connection's unread input is drained
 READ_BYTES = 64 * 1024
+# Pipelined requests are parsed a slice at a time, and input is left unread (TCP holds it)
+# while this much of their answers waits: a client that sends requests and never reads the
+# replies cannot grow the worker's memory (one read of tiny requests is ~2,400 replies).
+HEAD_SLICE = 4096
+ANSWERS_HIGH = 64 * 1024
 
 
 class Phase(State):
@@ -104,6 +109,9 @@ class Connection:
         self.gone: Callable[[], None] | None = None   # its news of the peer hanging up
         self.requests = 0
         self.first_line: bytes | None = b""   # the connection's first request line, until seen
+        self.held_input = b""            # read, not yet parsed: its answers wait (ANSWERS_HIGH)
+        self.sent_bytes = 0              # answer bytes the client has taken, ever
+        self.sent_at_arm = 0             # ... when the idle timer was armed
         self.recent = b""                # the last 4 bytes read
         # lifetime: one request
         self.parser = httptools.HttpRequestParser(self)
@@ -151,8 +159,31 @@ class Connection:
             self.lost()
             return
         if self.phase is Phase.HEAD:
-            self.feed(data)
+            self._parse_heads(data)
         # JOINING: a receiver sends nothing more; input is discarded, EOF is leaving.
+
+    def _parse_heads(self, data: bytes) -> None:
+        """Parse what was read a slice at a time while its answers are sent; once they pile
+        up, hold the rest and stop reading until the client has taken them (on_writable)."""
+        pos = 0
+        while pos < len(data):
+            if self.phase is not Phase.HEAD:      # a pipe party, or closing: the rest at once
+                self.feed(data[pos:] if pos else data)
+                return
+            if len(self.outbuf) >= ANSWERS_HIGH:
+                self.held_input = data[pos:]
+                self.loop.remove_reader(self.fd)
+                return
+            self.feed(data[pos:pos + HEAD_SLICE] if pos or len(data) > HEAD_SLICE else data)
+            pos += HEAD_SLICE
+
+    def _resume_heads(self) -> None:
+        """The client took its answers: parse what was held, then read again."""
+        held, self.held_input = self.held_input, b""
+        if self.phase is not Phase.HEAD:
+            return
+        self.loop.add_reader(self.fd, self.on_readable)
+        self._parse_heads(held)
 
     def feed(self, data: bytes) -> None:
         c = self.config
@@ -386,6 +417,7 @@ class Connection:
             self.lost()
             return
         del self.outbuf[:sent]
+        self.sent_bytes += sent
         if self.outbuf:
             if not self.writer_armed:
                 self.writer_armed = True
@@ -397,6 +429,8 @@ class Connection:
             self.loop.remove_writer(self.fd)
         if self.close_after_flush:
             self._linger()
+        elif self.held_input:
+            self._resume_heads()
 
     # -- a sender's own response: progress lines -----------------------------------------
     def write_progress(self, line: str, last: bool = False) -> None:
@@ -513,6 +547,7 @@ class Connection:
     # -- timers ----------------------------------------------------------------------------
     def _arm_timer(self, seconds: float, callback) -> None:
         self._cancel_timer()
+        self.sent_at_arm = self.sent_bytes
         self.timer = self.loop.call_later(seconds, callback)
 
     def _cancel_timer(self) -> None:
@@ -534,7 +569,10 @@ class Connection:
         self.timer = None
         if self.phase is not Phase.HEAD:
             return
-        if self.head_bytes == 0:
+        if self.outbuf and self.sent_bytes > self.sent_at_arm:
+            # Not idle: it is still taking the answers to what it pipelined.
+            self._arm_timer(self.config.keepalive_timeout_s, self.on_idle_timeout)
+        elif self.head_bytes == 0:
             self.close()
         else:
             self.fail(HttpError(408, "the request head did not arrive in time"))

@@ -11,6 +11,7 @@ import hashlib
 import json
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -510,6 +511,38 @@ def test_pipelined_version_requests_are_answered_in_order(relay):
     finally:
         sock.close()
 
+
+
+def test_a_client_that_pipelines_requests_and_reads_no_reply_cannot_grow_the_worker(
+        start_relay):
+    """5,000 pipelined requests for the 22 KiB browser page (110 MB of answers) from a client
+    that reads nothing at first: the worker parses while its answers go out, then leaves the
+    rest unread (TCP holds it), so its memory stays put (before: every answer queued, +100
+    MB); once the client reads, every request is answered, in order."""
+    import psutil
+    relay = start_relay(workers=1)
+    (pid,) = [w["pid"] for w in relay.health()["workers"]]
+    worker = psutil.Process(pid)
+    rss_before = worker.memory_info().rss
+    count = 5000
+    request = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    last = b"GET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    sock = socket.create_connection(("127.0.0.1", relay.port), timeout=60)
+    sender = threading.Thread(target=sock.sendall, args=(request * (count - 1) + last,))
+    sender.start()
+    try:
+        time.sleep(1.0)                   # the worker takes what it will while nobody reads
+        grown = worker.memory_info().rss - rss_before
+        received = bytearray()
+        while chunk := sock.recv(1 << 20):
+            received += chunk
+        sender.join(60)
+    finally:
+        sock.close()
+    assert grown < 32 * 1024 * 1024, f"the worker grew {grown / 2**20:.0f} MiB"
+    assert received.count(b"HTTP/1.1 200 OK") == count
+    assert received.count(b"<!doctype html>") == count - 1
+    assert received.endswith(f"relayd {relayd.__version__}\n".encode())
 
 MALFORMED = [
     # (what, request bytes, acceptable statuses, must close)
