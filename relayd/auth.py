@@ -126,7 +126,8 @@ class Authorizer:
         exp, kid, sig = found["exp"][0], found["kid"][0], found["sig"][0]
         if not (exp.isascii() and exp.isdigit() and len(exp) <= 12):
             return None
-        return int(exp), kid, sig.encode("latin-1")
+        # A character beyond latin-1 cannot be in a real signature: it fails as a forgery.
+        return int(exp), kid, sig.encode("latin-1", "replace")
 
     def bearer_token(self, values: list[bytes]) -> Token | None:
         """The configured token these Authorization values carry, or None."""

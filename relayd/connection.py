@@ -390,9 +390,17 @@ class Connection:
             self.close()
             return
         self.hooks.refused(self, error.status, error.reason)
+        # The method is known once the request line is, before the head completes (a URI or
+        # header limit refuses it earlier): a HEAD is answered headers only.
         self.write(simple_response(error.status, error_body(error.reason), extra=error.headers,
-                                   head_only=self.method == b"HEAD"))
+                                   head_only=(self.method or self._method_seen()) == b"HEAD"))
         self.close_gracefully()
+
+    def _method_seen(self) -> bytes:
+        try:
+            return self.parser.get_method()
+        except httptools.HttpParserError:
+            return b""
 
     def write(self, data: bytes) -> None:
         """Queue bytes for the client. They leave at the end of this loop pass, so the lines

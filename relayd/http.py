@@ -43,8 +43,9 @@ def simple_response(status: int, body: bytes, content_type: bytes = TEXT, close:
                     extra: bytes = b"", head_only: bool = False) -> bytes:
     """A whole response; `head_only` (HEAD) keeps the headers, Content-Length included, and
     drops the body (RFC 9110 §9.3.2)."""
-    headers = (b"Content-Type: " + content_type + b"\r\n"
-               + b"Content-Length: %d\r\n" % len(body) + extra
+    # No Content-Length on a 204 (RFC 9110 §8.6); it has no body either.
+    length = b"Content-Length: %d\r\n" % len(body) if status != 204 else b""
+    headers = (b"Content-Type: " + content_type + b"\r\n" + length + extra
                + (b"Connection: close\r\n" if close else b""))
     return response_head(status, headers) + (b"" if head_only else body)
 

@@ -96,6 +96,9 @@ def route(request: Request, site: Site) -> Reply | PipeRequest:
     if len(hosts) > 1 or (request.version == "1.1" and not hosts):
         raise HttpError(400, "an HTTP/1.1 request needs exactly one Host header")
     te = [v.strip().lower() for v in headers.get(b"transfer-encoding", ())]
+    if te and request.version == "1.0":
+        # RFC 9112 §6.1: framing a 1.0 message this way is faulty (a smuggling risk).
+        raise HttpError(400, "Transfer-Encoding is not HTTP/1.0; use Content-Length or 1.1")
     if te and te != [b"chunked"]:
         raise HttpError(501, "only Transfer-Encoding: chunked is supported")
     cl = headers.get(b"content-length")
@@ -109,10 +112,14 @@ def route(request: Request, site: Site) -> Reply | PipeRequest:
     path = parsed.path or b"/"
     if not path.startswith(b"/"):
         raise HttpError(400, "the request target must be an absolute path")
+    # A reply leaves a body unread, or an upgrade offer the parser cannot step past: the
+    # connection is not reused after it.
+    keep = (request.keep_alive and not te and b"upgrade" not in headers
+            and not (cl and cl[0].strip() != b"0"))
     if path in RESERVED_PATHS:
-        return reserved(request, path, hosts[0] if hosts else b"localhost:8080", site)
+        return reserved(request, path, hosts[0] if hosts else b"localhost:8080", site, keep)
     if method == b"OPTIONS":
-        return Reply(200, b"", extra=CORS_PIPE, keep_alive=request.keep_alive)
+        return Reply(200, b"", extra=CORS_PIPE, keep_alive=keep)
     if method not in (b"GET", b"PUT", b"POST"):
         raise HttpError(405, f"{method.decode('latin-1')} is not a pipe method: GET receives, "
                              "PUT or POST sends", PIPE_METHODS_ALLOW)
@@ -130,7 +137,8 @@ def route(request: Request, site: Site) -> Reply | PipeRequest:
     chunked = bool(te)
     length = None if chunked else (int(cl[0]) if cl else 0)      # llhttp validated it
     return PipeRequest("sender", path, n, parse_slow(parsed.query), sender_info(request, length),
-                       chunked, None if chunked else length, bool(expect))
+                       chunked, None if chunked else length,
+                       bool(expect) and request.version == "1.1")   # no 1xx to 1.0 (§15.2)
 
 
 def sender_info(request: Request, length: int | None) -> SenderInfo:
@@ -149,12 +157,11 @@ def sender_info(request: Request, length: int | None) -> SenderInfo:
     return SenderInfo(content_type, forwarded, length)
 
 
-def reserved(request: Request, path: bytes, host: bytes, site: Site) -> Reply:
+def reserved(request: Request, path: bytes, host: bytes, site: Site, keep: bool) -> Reply:
     method = request.method
     if method in (b"PUT", b"POST"):
-        raise HttpError(400, f"{path.decode()} is a reserved path; choose another path to "
-                             "send to")
-    keep = request.keep_alive
+        raise HttpError(405, f"{path.decode()} is a reserved path; choose another path to "
+                             "send to", RESERVED_ALLOW)
     if method == b"OPTIONS":
         return Reply(200, b"", extra=CORS_RESERVED, keep_alive=keep)
     if method not in (b"GET", b"HEAD"):

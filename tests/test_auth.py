@@ -165,6 +165,14 @@ def test_an_expired_signed_url_gives_401(relay):
     assert 'www-authenticate: bearer realm="relayd"' in headers
 
 
+def test_a_signature_with_a_character_beyond_latin1_gives_401_not_400(relay):
+    """%E2%82%AC (a euro sign) in sig: a forgery like any other -- 401, counted and logged as
+    a refusal (it was a 400 `malformed request`, from an exception in the check)."""
+    url = relay.url + "/llm/euro?n=1&exp=9999999999&kid=k1&sig=%E2%82%AC"
+    status, headers, body = curl_status(url)
+    assert status == 401 and 'www-authenticate: bearer realm="relayd"' in headers, (status, body)
+
+
 def test_an_unknown_key_id_gives_401(relay, secret_file):
     recv = sign(secret_file, "recv", "/llm")
     status, headers, _ = curl_status(relay.url + recv.replace("kid=k1", "kid=k9"))

@@ -435,10 +435,11 @@ def test_health_says_ok_with_every_worker_alive_and_no_pipe_waiting(relay):
     assert health["pipes_waiting"] == 0
 
 
-def test_put_to_a_reserved_path_gets_400_and_head_of_the_root_has_no_body(relay):
+def test_put_to_a_reserved_path_gets_405_with_allow_and_head_of_the_root_has_no_body(relay):
     for path in ("/health", "/", "/version"):
-        status, _, body = http(relay.port, "PUT", path, body=b"x")
-        assert status == 400 and body.startswith(b"[ERROR]"), (path, status, body)
+        status, headers, body = http(relay.port, "PUT", path, body=b"x")
+        assert status == 405 and body.startswith(b"[ERROR]"), (path, status, body)
+        assert headers["allow"] == "GET, HEAD, OPTIONS"
     status, headers, body = http(relay.port, "HEAD", "/")
     assert status == 200 and body == b""
     assert int(headers["content-length"]) > 0
@@ -612,3 +613,71 @@ def test_malformed_requests_get_a_4xx_line_and_the_relay_keeps_working(relay, tm
     assert not problems, "\n".join(problems)
     assert relay.health()["workers_alive"] == relay.workers
     run_transfer(relay, tmp_path, "/after-malformed", n=2, size=300_000)
+
+
+# -- replies that leave something unread, and HTTP/1.0 rules ----------------------------------
+def read_all(sock: socket.socket) -> bytes:
+    data, closed = read_until_closed(sock, timeout=20)
+    assert closed, data
+    return data
+
+
+def test_a_request_that_offered_h2c_is_answered_and_the_connection_closes(relay):
+    """The offer is ignored, but httptools cannot step past it: before, the next request on
+    the connection got `400 protocol upgrade is not supported`."""
+    offer = (b"GET /version HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+             b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n")
+    data = read_all(raw_request(relay.port, offer + b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n"))
+    assert data.startswith(b"HTTP/1.1 200") and data.count(b"HTTP/1.1 ") == 1, data
+    assert b"Connection: close" in data
+
+
+def test_a_body_sent_to_a_reserved_path_is_never_read_as_the_next_request(relay):
+    """GET /version with a 40,000-byte body arriving after the head: one 200 that closes the
+    connection (before: a 431 `head too large` followed, the body parsed as a head)."""
+    sock = raw_request(relay.port, b"GET /version HTTP/1.1\r\nHost: x\r\nContent-Length: 40000"
+                                   b"\r\n\r\n")
+    for _ in range(4):
+        try:
+            sock.sendall(b"b" * 10_000)
+        except OSError:
+            break                                 # the relay closed: it reads no more
+    data = read_all(sock)
+    assert data.startswith(b"HTTP/1.1 200") and data.count(b"HTTP/1.1 ") == 1, data
+    assert b"Connection: close" in data
+
+
+def test_a_204_carries_no_content_length(relay):
+    status, headers, body = http(relay.port, "GET", "/favicon.ico")
+    assert status == 204 and "content-length" not in headers and body == b""
+
+
+@pytest.mark.parametrize("what,request_bytes,status", [
+    ("a URI over the limit", b"HEAD /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    ("too many header fields",
+     b"HEAD /version HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(101))
+     + b"\r\n", 431),
+], ids=["uri", "header-count"])
+def test_a_head_refused_before_its_head_completes_gets_headers_only(relay, what, request_bytes,
+                                                                    status):
+    data = read_all(raw_request(relay.port, request_bytes))
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d" % status), data
+    assert body == b"", f"{what}: a HEAD answer with a body"
+
+
+def test_an_http10_sender_that_expects_100_continue_gets_no_1xx(relay):
+    receiver = raw_request(relay.port, b"GET /old-expect HTTP/1.1\r\nHost: x\r\n\r\n")
+    wait_for(lambda: waiting_count(relay) == 1, what="the receiver waiting")
+    sender = raw_request(relay.port, b"PUT /old-expect HTTP/1.0\r\nExpect: 100-continue\r\n"
+                                     b"Content-Length: 5\r\n\r\nhello")
+    answer = read_all(sender)
+    assert answer.startswith(b"HTTP/1.0 200") and b"100 Continue" not in answer, answer
+    assert read_all(receiver).endswith(b"\r\n\r\nhello")
+
+
+def test_an_http10_request_framed_with_transfer_encoding_gets_400(relay):
+    data = read_all(raw_request(relay.port, b"PUT /te10 HTTP/1.0\r\nTransfer-Encoding: chunked"
+                                            b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n"))
+    assert data.startswith(b"HTTP/1.0 400") or data.startswith(b"HTTP/1.1 400"), data
+    assert waiting_count(relay) == 0
