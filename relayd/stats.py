@@ -85,8 +85,11 @@ class WorkerBlock:
         self._store(STAT_PID, pid)
 
     def vacate(self) -> None:
-        """The supervisor, once the worker is reaped."""
+        """The supervisor, once the worker is reaped. Its spill files went with it: their
+        bytes leave the node's budget (left in, they held every other pipe's spill until
+        the index was reused)."""
         self._store(STAT_PID, 0)
+        self._store(STAT_SPILL_BYTES, 0)
 
     def parties(self, counters: WorkerCounters) -> None:
         self._store(STAT_SENDERS, counters.senders)

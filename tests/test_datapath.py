@@ -750,3 +750,25 @@ def test_a_withdrawn_spill_file_is_never_reopened_under_a_reused_descriptor_numb
         os.close(early.fd)
     finally:
         arena.close()
+
+
+def test_a_dead_workers_spill_bytes_leave_the_node_budget_when_it_is_reaped():
+    """The budget is summed over every worker index as each last published: a worker killed
+    while it spilled left its bytes in the sum, and every other pipe's spill was refused
+    until the index was reused (seen by a hunt after a kill -9)."""
+    from relayd import stats
+    from relayd.spill import SpillBudget
+
+    arena = ring.Arena(slots=1, capacity=CAPACITY, worker_slots=4)
+    try:
+        dead, alive = stats.WorkerBlock(arena, 0), stats.WorkerBlock(arena, 1)
+        dead.claim(1111)
+        alive.claim(2222)
+        SpillBudget(arena, dead, 16 * MIB).change(16 * MIB)
+        budget = SpillBudget(arena, alive, 16 * MIB)
+        assert budget.left() == 0
+        dead.vacate()                          # the supervisor reaped it
+        assert stats.node_spill_bytes(arena) == 0
+        assert budget.left() == 16 * MIB
+    finally:
+        arena.close()
