@@ -203,7 +203,7 @@ class ReceiverGroup:
         if not drop_below:
             return
         growing = self.spill is not None and self.spill.growing()
-        limit = self.limits.spill_limit
+        limit = self.reader.drop_lag() or self.limits.spill_limit
         now = self.loop.time()
         waiting = []
         for r in [r for r in self.receivers if r.cursor < drop_below]:

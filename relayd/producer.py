@@ -322,13 +322,15 @@ class SenderStream:
             space = min(space, spill.file_space(self.ring.tail, self.ring.lowest))
         elif space < need and spill is None and not self.spill_refused:
             self._start_spill()
-        if space < need and self.plan.drop and self.disk_refused:
-            self._cut_slowest()
+        if space < need and self.plan.drop and (
+                self.disk_refused or spill is None and self.plan.budget.left() <= 0):
+            self._cut_slowest()                   # a bound is met: the disk, or the budget
         return space
 
     def _cut_slowest(self) -> None:
-        """--slow drop, and the disk refused the spill: the slowest receivers, which hold
-        the producer, are cut (a visible short body) instead of holding everyone."""
+        """--slow drop, and the disk refused the spill or the node's spill budget is spent:
+        the slowest receivers, which hold the producer, are cut (a visible short body)
+        instead of holding everyone."""
         lowest = self.ring.lowest
         if self.spill is not None:
             lowest = min(lowest, self.spill.lowest_reader())

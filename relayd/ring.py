@@ -9,7 +9,7 @@ for the wake marks, a byte each:
     | slot table, per slot:                                                  (own pages) |
     |   line 0   | gen | tail | state | wake_at | producer | high |                       |
     |   line 1   | spill_active | spill_start | spill_fd | spill_pid | file_wake_at |     |
-    |            | drop_below | spill_end |                                               |
+    |            | drop_below | spill_end | drop_lag |                                    |
     |   line 2+i | cursor[i] | waiting[i] | file_cursor[i] |  one line per worker index i |
     | wake marks: per worker index, one byte per slot                        (own pages) |
     | ring 0 | ring 1 | ... each `capacity` bytes (a power of two), page aligned          |
@@ -27,8 +27,10 @@ exactly one writer, but for the marks:
     spill_*     the producer's worker (spill.py): the spill file, where it starts, and
                 spill_end, NONE while the file grows, else the position it holds up to;
                 spill_active returns to 0 before the file's descriptor is closed
-    file_wake_at, drop_below   the producer's worker: same mark for file readers; file
-                readers below drop_below are cut (--slow drop)
+    file_wake_at, drop_below, drop_lag   the producer's worker: same mark for file readers;
+                file readers below drop_below and drop_lag behind are cut (--slow drop;
+                drop_lag is the bound the producer met: the spill limit, or less when the
+                node's spill budget ran out first)
     cursor[i]   worker i: the lowest position any of its ring readers still needs, or NONE
     waiting[i]  worker i: it has a caught-up receiver of this pipe and sleeps on its eventfd
     file_cursor[i]  worker i: the lowest position of its spill-file readers, or NONE
@@ -239,7 +241,7 @@ class SlotFields:
 
     __slots__ = ("slot", "gen", "tail", "state", "wake_at", "producer", "high", "spill_active",
                  "spill_start", "spill_fd", "spill_pid", "file_wake_at", "drop_below",
-                 "spill_end", "_cursor0")
+                 "spill_end", "drop_lag", "_cursor0")
 
     def __init__(self, arena: Arena, slot: int):
         base = arena.slot_index(slot)
@@ -258,6 +260,7 @@ class SlotFields:
         self.file_wake_at = spill + 4
         self.drop_below = spill + 5
         self.spill_end = spill + 6
+        self.drop_lag = spill + 7
         self._cursor0 = base + 2 * LINE_U64
 
     def cursor(self, worker: int) -> int:
@@ -281,7 +284,7 @@ class SlotFields:
         arena.store(self.wake_at, 0)
         arena.store(self.producer, producer)
         for field in (self.spill_active, self.spill_start, self.spill_fd, self.spill_pid,
-                      self.file_wake_at, self.drop_below):
+                      self.file_wake_at, self.drop_below, self.drop_lag):
             arena.store(field, 0)
         arena.store(self.spill_end, NONE)
         for w in range(arena.worker_slots):
@@ -434,11 +437,13 @@ class RingWriter:
             self.arena.mark(w, self.slot)
             self.kick(w)
 
-    def cut_below(self, position: int) -> None:
+    def cut_below(self, position: int, lag: int = 0) -> None:
         """--slow drop: receivers below position that hold the producer are cut; it waits
-        only until their workers have done it."""
+        only until their workers have done it. `lag`: how far behind a file reader must be
+        (the bound the producer met; 0: the spill limit)."""
         if self.arena.load(self.f.drop_below) >= position:
             return
+        self.arena.store(self.f.drop_lag, lag)
         self.arena.store(self.f.drop_below, position)
         self.kick_all()
 
@@ -487,6 +492,11 @@ class RingReader:
     def drop_below(self) -> int:
         """--slow drop: receivers below this that hold the producer are to be cut (0: none)."""
         return self.arena.load(self.f.drop_below)
+
+    def drop_lag(self) -> int:
+        """--slow drop: how far behind a file reader below drop_below is cut (0: the spill
+        limit). Loaded after drop_below, which the producer stores after it."""
+        return self.arena.load(self.f.drop_lag)
 
     # -- sleeping ------------------------------------------------------------------------
     def sleep_flag(self, on: bool) -> None:

@@ -233,7 +233,7 @@ class SpillWriter:
         else:
             limit = min(limit, tail - file_lowest + budget_left)
         if self.drop and tail - file_lowest >= limit:
-            self.ring.cut_below(file_lowest + 1)
+            self.ring.cut_below(file_lowest + 1, limit)
         return file_lowest + limit - tail
 
     def release_below(self, position: int) -> None:

@@ -194,6 +194,37 @@ def test_drop_policy_cuts_the_receiver_past_the_spill_limit(start_relay, tmp_pat
     assert "receivers_done=4 receivers_lost=1" in log
 
 
+@pytest.mark.parametrize("budget", ["4M", "0"], ids=["budget-runs-out-mid-spill", "no-budget"])
+def test_drop_policy_cuts_the_slowest_when_the_spill_budget_is_the_bound(start_relay, tmp_path,
+                                                                         budget):
+    """--slow drop with the node's spill budget met before the pipe's spill limit: the
+    slowest is cut as at the limit (before, it held the producer and every fast receiver:
+    the budget stopped the file, and the cut waited for a lag of --spill-limit)."""
+    relay = start_relay("--window", "512k", "--spill-limit", "64M", "--spill-budget", budget,
+                        "--slow", "drop", "--spill-dir", str(tmp_path), workers=2)
+    # With no spill at all (budget 0), as when the disk refuses one, the ring is all the lag
+    # there is and a receiver is cut once its socket has not drained for a grace time: this
+    # one reads its head and then stops until the fast ones are done.
+    go = threading.Event() if budget == "0" else None
+    src, outs, fast, slow, sender = run_pipe(relay, tmp_path, 20 << 20, rate=1 << 20,
+                                             sender_rate="20M", go=go)
+    try:
+        assert wait_all(fast) == [0] * 4
+    finally:
+        if go is not None:
+            go.set()
+    assert [sha256_file(o) for o in outs] == [sha256_file(src)] * 4
+    slow.join(60)
+    body, complete = slow.body()
+    assert not complete and len(body) < len(src.read_bytes())
+    assert body == src.read_bytes()[:len(body)]           # short, never corrupt
+    assert wait_all([sender]) == [0]
+    log = wait_for(lambda: "path='/sp'" in relay.stderr_text() and relay.stderr_text())
+    assert "receivers_done=4 receivers_lost=1" in log
+    settled(lambda: metric(relay, "relayd_spill_bytes"), "the spill bytes")
+    assert metric(relay, "relayd_spill_bytes") == 0
+
+
 def test_block_policy_holds_the_producer_at_the_spill_limit_and_loses_nothing(start_relay,
                                                                               tmp_path):
     spill_dir = tmp_path / "spill"
