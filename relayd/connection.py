@@ -22,10 +22,12 @@ import fcntl
 import socket
 import struct
 import termios
+import traceback
 from typing import Callable
 
 import httptools
 
+from relayd import logs
 from relayd.auth import redact
 from relayd.chunked import ChunkScanner, MalformedChunk
 from relayd.config import Config
@@ -208,6 +210,12 @@ class Connection:
             # A bodyless GET that offered h2c: the offer is ignored, HTTP/1.1 served.
         except httptools.HttpParserCallbackError as e:
             cause = e.__context__
+            if not isinstance(cause, HttpError):
+                # Not a refusal we raised: a fault of ours in handling this request. It is
+                # still answered 400 (the request is what met it), but never silently.
+                logs.message(f"error handling a request from {self.peer} (answered 400): "
+                             + "".join(traceback.format_exception(cause)).strip()
+                             .replace("\n", " | "))
             self.fail(cause if isinstance(cause, HttpError)
                       else HttpError(400, f"malformed request: {e}"))
         except httptools.HttpParserError as e:

@@ -772,3 +772,41 @@ def test_a_dead_workers_spill_bytes_leave_the_node_budget_when_it_is_reaped():
         assert budget.left() == 16 * MIB
     finally:
         arena.close()
+
+
+def test_a_fault_of_ours_while_handling_a_request_is_answered_400_and_logged(capsys):
+    """A request meets a bug (here: a route that raises): the client gets a 400 line and the
+    worker serves on, but the fault is logged with its traceback, never silent."""
+    import asyncio
+    import socket
+
+    import uvloop
+
+    from relayd.config import Config
+    from relayd.connection import Connection, ConnectionHooks
+
+    def broken_route(request):
+        raise RuntimeError("a bug in routing")
+
+    loop = uvloop.new_event_loop()
+    ours, theirs = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        hooks = ConnectionHooks(route=broken_route, pipe=lambda c, p: None,
+                                left=lambda c: None, closed=lambda c: loop.stop(),
+                                answered=lambda c, s: None, refused=lambda c, s, r: None,
+                                may_keep_alive=lambda: True)
+        Connection(ours, 1, "127.0.0.1:1", loop, Config(workers=1).validate(), hooks)
+        theirs.sendall(b"GET /x HTTP/1.1\r\nHost: r\r\n\r\n")
+        theirs.shutdown(socket.SHUT_WR)
+        loop.call_later(10, loop.stop)                   # bounds a failure only
+        loop.run_forever()
+        answer = theirs.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 400") and b"[ERROR] malformed request" in answer
+        err = capsys.readouterr().err
+        assert "error handling a request from 127.0.0.1:1 (answered 400)" in err
+        assert "RuntimeError: a bug in routing" in err
+    finally:
+        theirs.close()
+        loop.close()
+        asyncio.set_event_loop(None)
