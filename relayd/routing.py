@@ -26,7 +26,9 @@ FORWARDED_HEADERS = (b"content-disposition",)
 ROUTED_HEADERS = frozenset((b"host", b"transfer-encoding", b"content-length", b"expect",
                             b"upgrade"))
 CORS_PIPE = (b"Access-Control-Allow-Methods: GET, PUT, POST, OPTIONS\r\n"
-             b"Access-Control-Allow-Headers: Content-Type, Content-Disposition, X-Piping\r\n"
+             # Authorization: a page sending a bearer token (--secret-file) cross-origin.
+             b"Access-Control-Allow-Headers: Content-Type, Content-Disposition, X-Piping, "
+             b"Authorization\r\n"
              b"Access-Control-Max-Age: 86400\r\n")
 CORS_RESERVED = b"Access-Control-Allow-Methods: GET, HEAD, OPTIONS\r\n"
 RESERVED_ALLOW = b"Allow: GET, HEAD, OPTIONS\r\n"

@@ -239,6 +239,8 @@ def test_options_preflight_answers_200_with_cors_headers(relay):
     assert headers.get("access-control-allow-origin") == "*"
     methods = headers.get("access-control-allow-methods", "")
     assert "PUT" in methods and "GET" in methods, headers
+    allowed = {h.strip().lower() for h in headers["access-control-allow-headers"].split(",")}
+    assert {"content-type", "content-disposition", "authorization"} <= allowed, headers
     assert waiting_count(relay) == 0
 
 
