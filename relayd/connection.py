@@ -221,6 +221,9 @@ class Connection:
         except httptools.HttpParserError as e:
             if self.role is not None and self.message_done:
                 return   # junk after a complete pipe request: that connection closes after
+            if str(e) == "Invalid HTTP version":       # llhttp knows only 1.0 and 1.1 (and 0.9)
+                self.fail(HttpError(505, "this HTTP version is not supported; use HTTP/1.1"))
+                return
             self.fail(HttpError(400, f"malformed request: {e}"))
 
     def _check_first_line(self, data: bytes) -> None:

@@ -565,6 +565,7 @@ MALFORMED = [
      b"Content-Length: 0\r\n\r\n", {417}, False),
     ("HTTP/1.1 without Host", b"GET /version HTTP/1.1\r\n\r\n", {400}, True),
     ("HTTP/2.0", b"GET / HTTP/2.0\r\nHost: 127.0.0.1\r\n\r\n", {505}, False),
+    ("HTTP/1.2", b"GET / HTTP/1.2\r\nHost: 127.0.0.1\r\n\r\n", {505}, False),
     ("a 9 KiB URI", b"GET /" + b"u" * (9 * 1024) + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
      {414}, False),
     ("200 headers", b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n"
