@@ -213,9 +213,9 @@ class Connection:
             if not isinstance(cause, HttpError):
                 # Not a refusal we raised: a fault of ours in handling this request. It is
                 # still answered 400 (the request is what met it), but never silently.
+                text = "".join(traceback.format_exception(cause)).strip().replace("\n", " | ")
                 logs.message(f"error handling a request from {self.peer} (answered 400): "
-                             + "".join(traceback.format_exception(cause)).strip()
-                             .replace("\n", " | "))
+                             + redact(text.encode("utf-8", "replace")).decode("utf-8"))
             self.fail(cause if isinstance(cause, HttpError)
                       else HttpError(400, f"malformed request: {e}"))
         except httptools.HttpParserError as e:
@@ -404,14 +404,15 @@ class Connection:
         # The method is known once the request line is, before the head completes (a URI or
         # header limit refuses it earlier): a HEAD is answered headers only.
         self.write(simple_response(error.status, error_body(error.reason), extra=error.headers,
-                                   head_only=(self.method or self._method_seen()) == b"HEAD"))
+                                   head_only=self._method() == b"HEAD"))
         self.close_gracefully()
 
-    def _method_seen(self) -> bytes:
-        try:
-            return self.parser.get_method()
-        except httptools.HttpParserError:
-            return b""
+    def _method(self) -> bytes:
+        """This request's method as far as it is known: once its URL has begun, the parser
+        has it (before that, get_method() still answers the previous request's)."""
+        if self.method:
+            return self.method
+        return self.parser.get_method() if self.url else b""
 
     def write(self, data: bytes) -> None:
         """Queue bytes for the client. They leave at the end of this loop pass, so the lines

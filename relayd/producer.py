@@ -323,8 +323,11 @@ class SenderStream:
         elif space < need and spill is None and not self.spill_refused:
             self._start_spill()
         if space < need and self.plan.drop and (
-                self.disk_refused or spill is None and self.plan.budget.left() <= 0):
-            self._cut_slowest()                   # a bound is met: the disk, or the budget
+                self.disk_refused or spill is None and not self.spill_refused
+                and self.plan.budget.left() <= 0):
+            # A bound is met: the disk, or the budget (for a pipe that would have spilled:
+            # a lone receiver, or --spill-limit 0, holds the producer whatever the budget).
+            self._cut_slowest()
         return space
 
     def _cut_slowest(self) -> None:

@@ -442,6 +442,10 @@ class RingWriter:
         only until their workers have done it. `lag`: how far behind a file reader must be
         (the bound the producer met; 0: the spill limit)."""
         if self.arena.load(self.f.drop_below) >= position:
+            stored = self.arena.load(self.f.drop_lag)
+            if lag and (stored == 0 or lag < stored):
+                self.arena.store(self.f.drop_lag, lag)     # a tighter bound than the last cut
+                self.kick_all()
             return
         self.arena.store(self.f.drop_lag, lag)
         self.arena.store(self.f.drop_below, position)

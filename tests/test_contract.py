@@ -650,6 +650,18 @@ def test_a_body_sent_to_a_reserved_path_is_never_read_as_the_next_request(relay)
     assert b"Connection: close" in data
 
 
+def test_a_refusal_after_a_kept_alive_head_request_still_has_its_body(relay):
+    """The parser still holds the previous request's method until the next one's is parsed:
+    a bad method after a HEAD is a 400 with its [ERROR] line, not headers only."""
+    data = read_all(raw_request(relay.port, b"HEAD /version HTTP/1.1\r\nHost: x\r\n\r\n"
+                                            b"FOO / HTTP/1.1\r\nHost: x\r\n\r\n"))
+    first, _, rest = data.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200"), data
+    status, headers, body = parse_head(rest)
+    assert status == 400 and body.startswith(b"[ERROR] ") and body.endswith(b"\n"), rest
+    assert int(headers["content-length"]) == len(body)
+
+
 def test_a_204_carries_no_content_length(relay):
     status, headers, body = http(relay.port, "GET", "/favicon.ico")
     assert status == 204 and "content-length" not in headers and body == b""

@@ -212,3 +212,24 @@ def test_marks_name_each_slot_once_and_are_cleared_by_taking(arena):
     assert arena.take_marks(1) == []
     assert arena.take_marks(2) == [1]
     assert arena.take_marks(0) == []
+
+
+def test_a_cut_for_a_tighter_bound_at_the_same_position_still_reaches_the_readers():
+    """--slow drop: a cut at the spill limit (lag 0) and then one for the spent budget at the
+    same position: the receivers' workers must see the budget's smaller lag, and be kicked,
+    or they would wait for a spill limit's lag while the budget holds the producer."""
+    arena = ring.Arena(slots=1, capacity=1 << 19, worker_slots=2)
+    kicked: list[int] = []
+    try:
+        f = ring.SlotFields(arena, 0)
+        f.reset(arena, producer=0, receiver_workers=[1], gen=1)
+        writer = ring.RingWriter(arena, 0, [1], False, 64 * 1024, kicked.append)
+        reader = ring.RingReader(arena, 0, 1, lambda worker: None)
+        writer.cut_below(1000)
+        assert (reader.drop_below(), reader.drop_lag(), kicked) == (1000, 0, [1])
+        writer.cut_below(1000, 4 << 20)
+        assert (reader.drop_below(), reader.drop_lag(), kicked) == (1000, 4 << 20, [1, 1])
+        writer.cut_below(900, 8 << 20)                  # a looser bound changes nothing
+        assert (reader.drop_below(), reader.drop_lag(), kicked) == (1000, 4 << 20, [1, 1])
+    finally:
+        arena.close()

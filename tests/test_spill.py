@@ -225,6 +225,28 @@ def test_drop_policy_cuts_the_slowest_when_the_spill_budget_is_the_bound(start_r
     assert metric(relay, "relayd_spill_bytes") == 0
 
 
+def test_a_lone_receiver_is_never_cut_by_drop_when_the_budget_is_spent(start_relay, tmp_path):
+    """A pipe of n = 1 never spills, so the spent budget is no bound of its: under --slow
+    drop its receiver holds the producer, as the README says, and gets every byte after a
+    pause longer than the drop grace (the first cut for the budget cut it short)."""
+    relay = start_relay("--window", "512k", "--transmit", "copy", "--slow", "drop",
+                        "--spill-budget", "0", "--spill-dir", str(tmp_path), workers=2)
+    src = payload(tmp_path, 8 << 20)
+    go = threading.Event()
+    lone = ThrottledReader(relay.port, "/lone?n=1", 64 << 20, go)
+    wait_for(lambda: waiting_count(relay) == 1, what="the receiver waiting")
+    sender = curl_sender(f"{relay.url}/lone?n=1", src)
+    try:
+        assert lone.has_head.wait(30), "the receiver got no response head"
+        settled(lambda: metric(relay, "relayd_received_bytes_total"), "the bytes received")
+    finally:
+        go.set()                         # it paused past the drop grace; now it reads
+    lone.join(60)
+    body, complete = lone.body()
+    assert complete and body == src.read_bytes()
+    assert wait_all([sender]) == [0]
+
+
 def test_block_policy_holds_the_producer_at_the_spill_limit_and_loses_nothing(start_relay,
                                                                               tmp_path):
     spill_dir = tmp_path / "spill"
