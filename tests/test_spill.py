@@ -184,11 +184,17 @@ def test_drop_policy_cuts_the_receiver_past_the_spill_limit(start_relay, tmp_pat
     src, outs, fast, slow, sender = run_pipe(relay, tmp_path, 20 << 20, rate=1 << 20,
                                              query=query, sender_rate="20M")
     assert wait_all(fast) == [0] * 4
+    the_fast_complete_and_the_slow_one_is_cut_short(relay, src, outs, slow, sender)
+
+
+def the_fast_complete_and_the_slow_one_is_cut_short(relay, src, outs, slow, sender) -> None:
+    """After the fast receivers ended: their bytes are the sender's, the slow one's are a
+    prefix (short, never corrupt), the sender succeeded, and the log says 4 done, 1 lost."""
     assert [sha256_file(o) for o in outs] == [sha256_file(src)] * 4
     slow.join(60)
     body, complete = slow.body()
     assert not complete and len(body) < len(src.read_bytes())
-    assert body == src.read_bytes()[:len(body)]           # short, never corrupt
+    assert body == src.read_bytes()[:len(body)]
     assert wait_all([sender]) == [0]
     log = wait_for(lambda: "path='/sp'" in relay.stderr_text() and relay.stderr_text())
     assert "receivers_done=4 receivers_lost=1" in log
@@ -213,14 +219,7 @@ def test_drop_policy_cuts_the_slowest_when_the_spill_budget_is_the_bound(start_r
     finally:
         if go is not None:
             go.set()
-    assert [sha256_file(o) for o in outs] == [sha256_file(src)] * 4
-    slow.join(60)
-    body, complete = slow.body()
-    assert not complete and len(body) < len(src.read_bytes())
-    assert body == src.read_bytes()[:len(body)]           # short, never corrupt
-    assert wait_all([sender]) == [0]
-    log = wait_for(lambda: "path='/sp'" in relay.stderr_text() and relay.stderr_text())
-    assert "receivers_done=4 receivers_lost=1" in log
+    the_fast_complete_and_the_slow_one_is_cut_short(relay, src, outs, slow, sender)
     settled(lambda: metric(relay, "relayd_spill_bytes"), "the spill bytes")
     assert metric(relay, "relayd_spill_bytes") == 0
 
