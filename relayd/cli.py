@@ -26,7 +26,7 @@ def size(text: str) -> int:
         if t and t[-1] in units:
             return int(float(t[:-1]) * units[t[-1]])
         return int(t)
-    except ValueError:
+    except (ValueError, OverflowError):                  # "x", or "infk"
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4M, 512k)") from None
 
 
@@ -40,7 +40,8 @@ OPTIONS = [
                                  "fastest receiver may lead the slowest"),
     ("--max-pipes", "max_pipes", int, "pipes known at once, waiting or streaming (503 beyond)"),
     ("--max-transfers", "max_transfers", int,
-     "pipes streaming at once: ring slots in the arena (503 beyond)"),
+     "pipes of n >= 2 streaming at once: ring slots in the arena (more wait in line for "
+     "one, within --rendezvous-timeout)"),
     ("--transmit", "transmit", str, "copy: send() from the ring; sendfile: zero-copy from the "
                                     "memfd; splice: n = 1 pipes move socket to socket in the "
                                     "kernel (others as auto); auto: splice for n = 1, copy or "

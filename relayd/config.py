@@ -6,6 +6,7 @@ Defaults follow nginx/HAProxy/Node practice (DESIGN §5). `Config.validate()` ra
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 
@@ -14,6 +15,7 @@ SLOW_POLICIES = ("block", "drop")
 LOG_FORMATS = ("text", "json")
 PUNCH_BLOCK_BYTES = 256 * 1024          # B: the unit in which ring pages are punched
 MAX_RECEIVERS = 256
+MIN_WORKER_TIMEOUT_S = 2.0              # two of the workers' once-a-second heartbeats
 
 
 class ConfigError(ValueError):
@@ -106,8 +108,13 @@ class Config:
         for name in ("head_timeout_s", "keepalive_timeout_s", "rendezvous_timeout_s",
                      "graceful_timeout_s", "receiver_stall_timeout_s", "sender_idle_timeout_s",
                      "worker_timeout_s"):
-            if getattr(self, name) <= 0:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):        # nan compares false to all
                 raise ConfigError(f"--{name[:-2].replace('_', '-')}: must be > 0 seconds")
+        if self.worker_timeout_s < MIN_WORKER_TIMEOUT_S:
+            raise ConfigError(f"--worker-timeout {self.worker_timeout_s:g}: must be at least "
+                              f"{MIN_WORKER_TIMEOUT_S:g} s (workers beat once a second: less "
+                              "kills healthy ones)")
         return self
 
     def transmit_for(self, n: int) -> str:

@@ -15,6 +15,7 @@ httptools only; blocking sockets, one thread.
 from __future__ import annotations
 
 import argparse
+import math
 import socket
 import ssl
 import sys
@@ -33,11 +34,17 @@ class Failed(Exception):
 
 def connect(url: str, timeout: float) -> tuple[socket.socket, bytes, bytes]:
     """A connected socket (TLS for https), the request target and the Host value."""
-    u = urlsplit(url)
+    try:
+        u = urlsplit(url)
+        port = u.port or (443 if u.scheme == "https" else 80)     # ValueError: a bad port
+    except ValueError as e:
+        raise Failed(f"not a usable URL: {url} ({e})") from None
     if u.scheme not in ("http", "https") or not u.hostname:
         raise Failed(f"not an http(s) URL: {url}")
-    port = u.port or (443 if u.scheme == "https" else 80)
-    sock = socket.create_connection((u.hostname, port), timeout=timeout)
+    try:
+        sock = socket.create_connection((u.hostname, port), timeout=timeout)
+    except OSError as e:
+        raise Failed(f"{url}: {e.strerror or e}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if u.scheme == "https":
         sock = ssl.create_default_context().wrap_socket(sock, server_hostname=u.hostname)
@@ -167,6 +174,16 @@ def forward(source_url: str, dest_urls: list[str], timeout: float = TIMEOUT_S) -
     return 1 if failed else 0
 
 
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    return value
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="relayd forward",
@@ -178,7 +195,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("dest", metavar="DEST_URL", help="a pipe to send into, with its ?n=")
     p.add_argument("--dest", dest="more", action="append", default=[], metavar="DEST_URL",
                    help="another destination (repeatable); each gets the same bytes")
-    p.add_argument("--timeout", type=float, default=TIMEOUT_S,
+    p.add_argument("--timeout", type=positive_seconds, default=TIMEOUT_S,
                    help="seconds any one connect, read or write may wait")
     args = p.parse_args(argv)
     try:

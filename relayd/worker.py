@@ -234,13 +234,16 @@ class Worker:
                 return
             if len(self.conns) >= self.config.max_connections:
                 sock.setblocking(False)
+                reason = "the relay is at its connection limit; retry"
                 try:
-                    sock.send(simple_response(
-                        503, error_body("the relay is at its connection limit; retry"),
-                        extra=RETRY_AFTER))
+                    sock.send(simple_response(503, error_body(reason), extra=RETRY_AFTER))
                 except OSError:
                     pass
                 sock.close()
+                # Counted and logged as every refusal is (no request was read: no path).
+                logs.event("rejected", status=503, peer=f"{peer[0]}:{peer[1]}",
+                           worker=self.index, reason=reason)
+                self.counters.reject(503)
                 continue
             sock.setblocking(False)           # TCP_NODELAY comes from the listener
             conn_id = self.next_conn_id
@@ -357,6 +360,13 @@ class Worker:
         return conn if conn is not None and conn.is_party else None
 
     def on_rejected(self, m: control.Rejected) -> None:
+        conn = self._party(m.conn)
+        if conn is not None:             # refused at its join: it never joined
+            if conn.role == "sender":
+                self.counters.senders -= 1
+            else:
+                self.counters.receivers -= 1
+            self.block.parties(self.counters)
         self._refuse(m.conn, m.status, m.reason)
 
     def on_expired(self, m: control.Expired) -> None:

@@ -59,7 +59,12 @@ def test_help_mentions_transmit_and_window():
     ("--max-connections", "0"), ("--max-connections", "-5"), ("--max-pipes", "0"),
     ("--max-transfers", "0"), ("--spill-limit", "-1"), ("--spill-budget", "-1"),
     ("--rendezvous-timeout", "0"), ("--head-timeout", "-1"), ("--worker-timeout", "0"),
-    ("--sendfile-from-n", "0")])
+    ("--sendfile-from-n", "0"),
+    # nan compares false to everything: it passed "<= 0" and expired every pipe at once
+    ("--rendezvous-timeout", "nan"), ("--keepalive-timeout", "inf"),
+    # below two heartbeats, healthy workers were killed again and again
+    ("--worker-timeout", "1"),
+    ("--window", "infk"), ("--spill-budget", "infG")])
 def test_a_bad_flag_exits_2_with_a_message_naming_the_flag(flag, value):
     done = run("--host", "127.0.0.1", flag, value)
     assert done.returncode == 2, (done.stdout, done.stderr)
@@ -106,3 +111,28 @@ def test_port_0_gives_a_real_port_that_answers_health(start_relay):
     assert health["workers_alive"] == 2
     with socket.create_connection(("127.0.0.1", relay.port), timeout=5):
         pass
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["http://127.0.0.1:99999/p", "http://127.0.0.1:9/q"], 1, "Port out of range"),
+    (["http://127.0.0.1:abc/p", "http://127.0.0.1:9/q"], 1, "not a usable URL"),
+    (["http://[::1/p", "http://127.0.0.1:9/q"], 1, "Invalid IPv6 URL"),
+    (["--timeout", "-1", "http://127.0.0.1:9/p", "http://127.0.0.1:9/q"], 2,
+     "not a positive number of seconds"),
+], ids=["port-range", "port-text", "ipv6", "timeout"])
+def test_relayd_forward_refuses_bad_input_with_a_message_not_a_traceback(args, code, message):
+    done = run("forward", *args)
+    assert done.returncode == code, (done.stdout, done.stderr)
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_relayd_forward_names_the_url_it_could_not_reach():
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))                 # bound, never listening: refused
+    port = probe.getsockname()[1]
+    try:
+        done = run("forward", f"http://127.0.0.1:{port}/src?n=1", f"http://127.0.0.1:{port}/d")
+    finally:
+        probe.close()
+    assert done.returncode == 1
+    assert f"http://127.0.0.1:{port}/src?n=1" in done.stderr and "Traceback" not in done.stderr

@@ -696,3 +696,18 @@ def test_an_http10_request_framed_with_transfer_encoding_gets_400(relay):
                                             b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n"))
     assert data.startswith(b"HTTP/1.0 400") or data.startswith(b"HTTP/1.1 400"), data
     assert waiting_count(relay) == 0
+
+
+def test_parties_refused_at_their_join_are_not_counted_as_joined(start_relay):
+    """A second receiver of an n = 1 pipe (409), a different n (400), a pipe beyond
+    --max-pipes (503, receiver and sender): refused, so /health's and /metrics' joined
+    parties stay at the one receiver that waits (they counted 4 receivers, 1 sender)."""
+    relay = start_relay("--max-pipes", "1", workers=1)
+    waiting = raw_request(relay.port, b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+    wait_for(lambda: waiting_count(relay) == 1, what="the receiver waiting")
+    for method, target, status in (("GET", "/a", 409), ("GET", "/a?n=3", 400),
+                                   ("GET", "/b", 503), ("PUT", "/b", 503)):
+        assert http(relay.port, method, target)[0] == status, (method, target)
+    (worker,) = relay.health()["workers"]
+    assert (worker["senders"], worker["receivers"]) == (0, 1), worker
+    waiting.close()

@@ -27,6 +27,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.request
 
 import psutil
 import pytest
@@ -190,8 +191,22 @@ def test_the_connection_beyond_max_connections_gets_503_with_retry_after_and_nev
         assert data.startswith(b"HTTP/1.1 503"), data[:200]
         assert b"\r\nretry-after: " in data.lower()
         assert closed, "the refused connection was left open"
+    # Counted and logged as every refusal is (they were neither).
+    log = wait_for(lambda: relay.stderr_text().count("rejected status=503") >= 3 and
+                   relay.stderr_text(), what="three refusals logged")
+    assert "connection limit" in log
     for s in held:
         s.close()
+
+    def refused_503() -> float:
+        try:
+            with urllib.request.urlopen(relay.url + "/metrics", timeout=10) as r:
+                text = r.read().decode()
+        except OSError:                   # refused itself while the held ones go
+            return 0.0
+        return sum(float(v) for v in re.findall(
+            r'^relayd_rejected_requests_total\{[^}]*status="503"[^}]*\} (\S+)$', text, re.M))
+    wait_for(lambda: refused_503() >= 3, timeout=10, what="three 503s counted")
 
     def served():
         try:
