@@ -145,13 +145,13 @@ def resolve(args: argparse.Namespace, environ) -> tuple[Config, dict[str, str]]:
             source[field] = f"file {path}"
     for flag, field, kind, _ in OPTIONS:
         name = env_name(flag)
-        if name in environ:
-            values[field] = _convert(kind, environ[name], name)
-            source[field] = f"env {name}"
         given = getattr(args, field_attr(flag))
-        if given is not None:
+        if given is not None:            # a flag wins: the variable it overrides is not read
             values[field] = given
             source[field] = f"flag {flag}"
+        elif name in environ:
+            values[field] = _convert(kind, environ[name], name)
+            source[field] = f"env {name}"
     config = Config(**values).validate()
     return config, source
 
@@ -164,6 +164,9 @@ def _convert(kind, value, where: str):
     try:
         if kind is bool:
             return value if isinstance(value, bool) else parse_bool(value)
+        if isinstance(value, bool) or (kind in (int, size) and isinstance(value, float)):
+            # TOML: `port = true` is not port 1, nor `workers = 2.9` two workers
+            raise ValueError(f"{value!r} is not {'a size' if kind is size else 'an integer'}")
         if kind is size:
             return value if isinstance(value, int) else size(str(value))
         return kind(value)

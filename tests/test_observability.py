@@ -132,6 +132,25 @@ def test_settings_come_from_file_then_environment_then_flags(tmp_path):
     assert bad.returncode == 2 and "--window 1000" in bad.stderr
 
 
+def test_a_flag_overrides_a_variable_it_need_not_read_and_toml_types_are_strict(tmp_path):
+    """RELAYD_PORT=abc with --port given: the flag wins and the variable is not read (it was
+    a fatal 'invalid literal'). TOML `port = true` is not port 1, `workers = 2.9` is not 2."""
+    out = subprocess.run([sys.executable, "-m", "relayd", "--check", "--port", "7003"],
+                         env=dict(os.environ, RELAYD_PORT="abc"), capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines()[1:]}
+    assert rows["port"] == ["7003", "flag", "--port"]
+    for setting, shown in (("port = true", "True"), ("workers = 2.9", "2.9"),
+                           ('window = 1.5', "1.5")):
+        config = tmp_path / "bad.toml"
+        config.write_text(setting + "\n")
+        bad = subprocess.run([sys.executable, "-m", "relayd", "--config", str(config),
+                              "--check"], capture_output=True, text=True, timeout=30)
+        assert bad.returncode == 2, (setting, bad.stdout)
+        assert shown in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
 def _get(port: int, target: str) -> tuple[int, bytes, bytes]:
     s = raw_request(port, f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     data = read_response(s)
