@@ -378,6 +378,9 @@ class Worker:
             return
         self.hangups.discard(conn)
         if conn.head_sent:
+            # Its 200 went out already (a sender told it waits): the refusal is a progress
+            # line, counted and logged as any other.
+            self.count_rejection(conn, status, reason)
             conn.write_progress(f"[ERROR] {reason}\n")
             conn.close_gracefully()
         else:

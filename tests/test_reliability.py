@@ -175,6 +175,11 @@ def test_a_lone_receiver_and_a_lone_sender_get_their_rendezvous_timeout_and_no_p
     assert code != 0, (code, out)
     wait_for(lambda: (lambda h: h["pipes_waiting"] == 0 and h["pipes_streaming"] == 0)(
         relay.health()), what="no pipe left")
+    # Both refusals are logged and counted, the sender's too (its 200 had gone out: it was
+    # told with an [ERROR] line, and was neither).
+    log = wait_for(lambda: relay.stderr_text().count("rejected status=408") == 2 and
+                   relay.stderr_text(), what="both 408s logged")
+    assert "path='/lonely-sender'" in log and "path='/lonely-receiver'" in log
 
 
 def test_the_connection_beyond_max_connections_gets_503_with_retry_after_and_never_hangs(
