@@ -169,14 +169,15 @@ class Connection:
         up, hold the rest and stop reading until the client has taken them (on_writable)."""
         pos = 0
         while pos < len(data):
+            # (A slice of all of a bytes object is that object: a short read is not copied.)
             if self.phase is not Phase.HEAD:      # a pipe party, or closing: the rest at once
-                self.feed(data[pos:] if pos else data)
+                self.feed(data[pos:])
                 return
             if len(self.outbuf) >= ANSWERS_HIGH:
                 self.held_input = data[pos:]
                 self.loop.remove_reader(self.fd)
                 return
-            self.feed(data[pos:pos + HEAD_SLICE] if pos or len(data) > HEAD_SLICE else data)
+            self.feed(data[pos:pos + HEAD_SLICE])
             pos += HEAD_SLICE
 
     def _resume_heads(self) -> None:

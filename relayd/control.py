@@ -253,14 +253,15 @@ class Channel:
                 _close_all(fds)
                 return messages or None
             batch = pickle.loads(data)
-            carried = sum(isinstance(m, CARRIES_FD) and m.fd >= 0 for m in batch)
-            if flags & socket.MSG_CTRUNC or len(fds) != carried:
-                # Out of descriptors here, the kernel dropped them (MSG_CTRUNC): each carrier
-                # gets -1 (gone), never the number the sender knew it by, which here is
-                # some other descriptor of ours.
-                _close_all(fds)
-                fds = [-1] * carried
-            if carried:
+            # Descriptors were sent with this datagram only if some arrived or the kernel
+            # dropped them (MSG_CTRUNC): most batches carry none and are not walked.
+            if fds or flags & socket.MSG_CTRUNC:
+                carried = sum(isinstance(m, CARRIES_FD) and m.fd >= 0 for m in batch)
+                if flags & socket.MSG_CTRUNC or len(fds) != carried:
+                    # Out of descriptors here: each carrier gets -1 (gone), never the number
+                    # the sender knew it by, which here is some other descriptor of ours.
+                    _close_all(fds)
+                    fds = [-1] * carried
                 received = iter(fds)
                 batch = [m._replace(fd=next(received)) if isinstance(m, CARRIES_FD)
                          and m.fd >= 0 else m for m in batch]

@@ -69,6 +69,3 @@ class Seats:
         self.sockets[seat] = None
         self.close_all()
         return mine
-
-    def is_open(self, seat: int) -> bool:
-        return self.sockets[seat] is not None
